@@ -1,0 +1,119 @@
+"""``multi_lora_linear``: one base GEMM plus gathered per-row LoRA deltas (DESIGN.md operation 1).
+
+Validates, picks a backend (Triton / C++ / reference) and is registered as the custom op
+``loramix::multi_lora_linear`` with a fake implementation, so ``torch.compile`` sees one opaque node.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._dispatch import FLOAT_DTYPES, INT_DTYPES, check_tensor, pick_backend
+
+__all__ = ["multi_lora_linear", "multi_lora_expand"]
+
+
+def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
+    if backend == "cpp":
+        return torch.ops.loramix_cpp.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    if backend == "triton":
+        from ..kernels.multi_lora import multi_lora_linear_triton
+
+        return multi_lora_linear_triton(x, weight, A, B, scale, rank, idx, w, bias)
+    return reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+
+
+@torch.library.custom_op("loramix::multi_lora_linear", mutates_args=())
+def _multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          scale: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
+                          w: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    return _run(pick_backend(x), x, weight, A, B, scale, rank, idx, w, bias)
+
+
+@_multi_lora_linear_op.register_fake
+def _(x, weight, A, B, scale, rank, idx, w, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _validate(x, weight, A, B, scale, rank, idx, w, bias):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    M, K = x.shape
+    dev = x.device
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=dev, shape=(None, K))
+    N = weight.shape[0]
+    check_tensor("A", A, ndim=3, dtypes=(x.dtype,), device=dev, shape=(None, None, K))
+    E, R = A.shape[0], A.shape[1]
+    check_tensor("B", B, ndim=3, dtypes=(x.dtype,), device=dev, shape=(E, N, R))
+    check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=dev, shape=(E,))
+    check_tensor("rank", rank, ndim=1, dtypes=INT_DTYPES, device=dev, shape=(E,))
+    check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, device=dev, shape=(M, None))
+    check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES, device=dev, shape=(M, idx.shape[1]),
+                 optional=True)
+    check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=dev, shape=(N,), optional=True)
+    if dev.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+        # free on the host: no device sync. On GPUs the kernels treat such ids as "no adapter".
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"idx holds adapter id {lo if lo < -1 else hi}, outside [-1, {E - 1}] "
+                             f"(E = {E} adapters; -1 = no adapter)")
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      scale: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
+                      w: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      *, validate: bool = True) -> torch.Tensor:
+    """Base linear plus per-row adapter deltas, fused.
+
+    Semantics:
+        y[m] = x[m] @ weight.T + bias
+               + sum_s w[m, s] * scale[e] * B[e, :, :rank[e]] @ (A[e, :rank[e]] @ x[m]),
+        e = idx[m, s]; e = -1 means "no adapter" for that slot.
+    Shapes (M = rows, K = in, N = out, E = adapters, R = max rank, S = slots per row):
+        x [..., K] (leading dims flattened to M), weight [N, K] (any strides), A [E, R, K],
+        B [E, N, R], scale [E] float, rank [E] int (<= R; rows past it are never read),
+        idx [M, S] int32 (int64 accepted), w [M, S] float or None (= 1), bias [N] or None.
+        x, weight, A, B, bias share one dtype (fp32, fp16, bf16; fp64 on CPU); accumulation is fp32.
+    Returns y [..., N] in x.dtype.
+    Errors name the offending argument. On CPU an id outside [-1, E) raises; on GPU (where checking
+    would cost a sync) kernels treat it as -1, so no id can read out of bounds.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if validate:
+        _validate(x2, weight, A, B, scale, rank, idx, w, bias)
+    if idx.dtype != torch.int32:
+        idx = idx.to(torch.int32)
+    if torch.compiler.is_compiling():
+        y = _multi_lora_linear_op(x2, weight, A, B, scale, rank, idx, w, bias)
+    else:
+        y = _run(pick_backend(x2), x2, weight, A, B, scale, rank, idx, w, bias)
+    return y.reshape(*lead, weight.shape[0]) if x.dim() != 2 else y
+
+
+def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                      rank: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Add the selected adapters' expand to ``y`` from precomputed shrink outputs ``h``.
+
+    Semantics: out[m] = y[m] + sum_s w[m,s] * scale[e] * B[e, :, :rank[e]] @ h[m, e, :rank[e]],
+    e = idx[m, s]. Shapes: y [M, N], h [M, E, R], B [E, N, R], scale [E], rank [E], idx [M, S],
+    w [M, S] or None. Returns a new [M, N] tensor in y.dtype.
+    """
+    check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
+    M, N = y.shape
+    check_tensor("B", B, ndim=3, shape=(None, N, None), device=y.device)
+    E, R = B.shape[0], B.shape[2]
+    check_tensor("h", h, ndim=3, shape=(M, E, R), device=y.device)
+    check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=y.device)
+    check_tensor("w", w, ndim=2, shape=(M, idx.shape[1]), optional=True, device=y.device)
+    backend = pick_backend(y)
+    if backend == "cpp" and hasattr(torch.ops.loramix_cpp, "multi_lora_expand"):
+        return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx.to(torch.int32), w)
+    if backend == "triton":
+        try:
+            from ..kernels.multi_lora import multi_lora_expand_triton
+        except ImportError:
+            multi_lora_expand_triton = None
+        if multi_lora_expand_triton is not None:
+            return multi_lora_expand_triton(y, h, B, scale, rank, idx.to(torch.int32), w)
+    return reference.multi_lora_expand(y, h, B, scale, rank, idx, w)
