@@ -1,4 +1,12 @@
-"""loramix_fast: fused kernels to run many LoRA experts at once on one base model."""
+"""loramix_fast: fused kernels to run many LoRA experts at once on one base model.
+
+    lib = lmf.AdapterLibrary.from_peft({"math": "dir/math", "code": "dir/code"})
+    model = lmf.patch(model, lib)
+    model(ids, adapter_names=["math", "__base__"])
+"""
 from . import ops, reference  # noqa: F401
+from .adapters import BASE, AdapterError, AdapterLibrary, LoRAFactors, ModuleStack  # noqa: F401
+from .modules import MultiLoRALinear  # noqa: F401
+from .patching import PATCH_TABLE, is_patched, patch, set_router, unpatch, use_adapters  # noqa: F401
 
 __version__ = "0.1.0"

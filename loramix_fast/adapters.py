@@ -1,0 +1,298 @@
+"""Adapter library: peft LoRA adapters loaded from ``save_pretrained`` folders and stacked per module.
+
+An :class:`AdapterLibrary` holds named adapters; each adapter is a set of ``(A [r, K], B [N, r],
+scale)`` factors keyed by the module path inside the base model (peft's key without the
+``base_model.model.`` prefix). Per patched module, :meth:`AdapterLibrary.stack` returns the
+zero-padded stack the kernels read (``A [E, R, K]``, ``B [E, N, R]``, ``scale [E]``, ``rank [E]``),
+where E = number of adapters and adapter ``i`` has id ``i``; an adapter that does not target the
+module has rank 0 there and contributes nothing. Stacks are cached per library version, so adding or
+removing an adapter never needs a re-patch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AdapterLibrary", "LoRAFactors", "ModuleStack", "AdapterError", "BASE"]
+
+BASE = "__base__"  # peft's name for "no adapter"
+_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """A problem with an adapter: missing/corrupt files, shapes that do not fit, unsupported kinds."""
+
+
+@dataclass
+class LoRAFactors:
+    """One adapter on one module: delta(x) = scale * B @ (A @ x). A [r, K], B [N, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass
+class ModuleStack:
+    """Stacked factors of every adapter for one module (padded to the max rank R).
+
+    A [E, R, K], B [E, N, R], scale [E] float32, rank [E] int32; adapter id = position in ``names``.
+    ``cache`` holds derived data (e.g. SpectR alignment) computed once per stack.
+    """
+
+    names: tuple
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+    rank: torch.Tensor
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return self.A.shape[1]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, val in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return val
+    return default
+
+
+def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter {name!r}: folder {path!r} does not exist")
+    if not os.path.isfile(cfg_path):
+        raise AdapterError(f"adapter {name!r}: {cfg_path!r} is missing (expected a peft "
+                           "save_pretrained folder)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot parse {cfg_path!r}: {e}") from e
+    ptype = cfg.get("peft_type", "LORA")
+    if ptype != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {ptype!r} is not supported (LoRA only)")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"adapter {name!r}: DoRA adapters (use_dora=True) are not supported yet")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"adapter {name!r}: modules_to_save={cfg['modules_to_save']} is not "
+                           "supported yet (it replaces whole modules, not a low-rank delta)")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise AdapterError(f"adapter {name!r}: LoRA bias (bias={cfg.get('bias')!r}, "
+                           f"lora_bias={cfg.get('lora_bias')!r}) is not supported yet")
+    st = os.path.join(path, "adapter_model.safetensors")
+    binf = os.path.join(path, "adapter_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            sd = load_file(st)
+        elif os.path.isfile(binf):
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors in {path!r}")
+    except AdapterError:
+        raise
+    except Exception as e:  # corrupt file
+        raise AdapterError(f"adapter {name!r}: cannot read weights in {path!r}: {e}") from e
+    alpha = cfg.get("lora_alpha", 8)
+    rs = bool(cfg.get("use_rslora", False))
+    out: dict[str, dict] = {}
+    for key, t in sd.items():
+        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if "lora_embedding_" in k:
+            raise AdapterError(f"adapter {name!r}: module {k.split('.lora_embedding_')[0]!r} is an "
+                               "embedding target, not supported yet")
+        m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", k)
+        if m is None:
+            if ".lora_magnitude_vector" in k:
+                raise AdapterError(f"adapter {name!r}: DoRA weights found ({k}); not supported yet")
+            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r} in the weights file "
+                               "(only lora_A / lora_B of Linear-like modules are supported)")
+        mod, which = m.group(1), m.group(2)
+        if t.dim() != 2:
+            raise AdapterError(f"adapter {name!r}, module {mod!r}: lora_{which} has shape "
+                               f"{tuple(t.shape)}; only Linear / Conv1D targets are supported")
+        out.setdefault(mod, {})[which] = t
+    factors = {}
+    for mod, ab in out.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r}, module {mod!r}: lora_A or lora_B is missing")
+        A, B = ab["A"], ab["B"]
+        r = A.shape[0]
+        if B.shape[1] != r:
+            raise AdapterError(f"adapter {name!r}, module {mod!r}: lora_A {tuple(A.shape)} and "
+                               f"lora_B {tuple(B.shape)} disagree on the rank")
+        a = _pattern_value(cfg.get("alpha_pattern"), mod, alpha)
+        scale = a / math.sqrt(r) if rs else a / r
+        factors[mod] = LoRAFactors(A.contiguous(), B.contiguous(), float(scale))
+    if not factors:
+        raise AdapterError(f"adapter {name!r}: no LoRA weights found in {path!r}")
+    return factors
+
+
+class AdapterLibrary:
+    """Named LoRA adapters, stacked per module for the kernels.
+
+    >>> lib = AdapterLibrary.from_peft({"math": "dir/math", "code": "dir/code"})
+    >>> lib.names        # ('math', 'code'); adapter id = position
+    """
+
+    def __init__(self):
+        self._adapters: dict[str, dict[str, LoRAFactors]] = {}
+        self._version = 0
+        self._stacks: dict = {}
+        self._lock = threading.Lock()
+        self._models: "weakref.WeakSet" = weakref.WeakSet()
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, dirs: dict[str, str]) -> "AdapterLibrary":
+        """Load peft ``save_pretrained`` folders, ``{name: folder}``."""
+        lib = cls()
+        for name, path in dirs.items():
+            lib.add_peft(name, path)
+        return lib
+
+    def add_peft(self, name: str, path: str) -> None:
+        """Load one peft LoRA folder under ``name``."""
+        self.add(name, _read_peft_dir(name, os.fspath(path)))
+
+    def add(self, name: str, factors: dict[str, LoRAFactors]) -> None:
+        """Add an adapter from ``{module_path: LoRAFactors}``. Patched models pick it up at once."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, "
+                             f"got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already in the library")
+        for mod, f in factors.items():
+            if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != f.B.shape[1]:
+                raise AdapterError(f"adapter {name!r}, module {mod!r}: expected A [r, K] and "
+                                   f"B [N, r], got {tuple(f.A.shape)} and {tuple(f.B.shape)}")
+        with self._lock:
+            self._adapters[name] = dict(factors)
+            self._bump()
+        for model in list(self._models):
+            from .patching import _extend_patch
+
+            _extend_patch(model, self)
+
+    def remove(self, name: str) -> None:
+        """Remove an adapter; ids of the adapters after it shift down by one."""
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not in the library (have {list(self._adapters)})")
+        with self._lock:
+            del self._adapters[name]
+            self._bump()
+
+    def _bump(self):
+        self._version += 1
+        self._stacks.clear()
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple:
+        return tuple(self._adapters)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, name) -> bool:
+        return name in self._adapters
+
+    def id_of(self, name: str) -> int:
+        """Adapter id of ``name``; -1 for ``"__base__"`` (no adapter)."""
+        if name == BASE or name is None:
+            return -1
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown adapter {name!r}; the library has {list(self.names)} "
+                           f"(or {BASE!r} for none)") from None
+
+    def ids_of(self, names) -> list[int]:
+        return [self.id_of(n) for n in names]
+
+    def modules(self) -> set[str]:
+        """Every module path targeted by at least one adapter."""
+        return {m for fs in self._adapters.values() for m in fs}
+
+    def factors(self, name: str) -> dict[str, LoRAFactors]:
+        return self._adapters[name]
+
+    def check_module(self, module: str, in_features: int, out_features: int) -> None:
+        """Raise AdapterError naming adapter and module if a factor does not fit the base module."""
+        for name, fs in self._adapters.items():
+            f = fs.get(module)
+            if f is None:
+                continue
+            if f.A.shape[1] != in_features or f.B.shape[0] != out_features:
+                raise AdapterError(
+                    f"adapter {name!r}, module {module!r}: LoRA A {tuple(f.A.shape)} / B "
+                    f"{tuple(f.B.shape)} do not fit the base module (in={in_features}, "
+                    f"out={out_features})")
+
+    def stack(self, module: str, dtype: torch.dtype, device) -> ModuleStack | None:
+        """The padded stack of every adapter for ``module`` (cached until the library changes);
+        None when no adapter targets the module."""
+        key = (module, dtype, device)
+        try:
+            return self._stacks[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in self._stacks:
+                self._stacks[key] = self._build_stack(module, dtype, torch.device(device))
+            return self._stacks[key]
+
+    def _build_stack(self, module, dtype, device) -> ModuleStack:
+        names = self.names
+        fs = [self._adapters[n].get(module) for n in names]
+        present = [f for f in fs if f is not None]
+        if not present:
+            return None
+        K = present[0].A.shape[1]
+        N = present[0].B.shape[0]
+        for n, f in zip(names, fs):
+            if f is not None and (f.A.shape[1] != K or f.B.shape[0] != N):
+                raise AdapterError(f"adapter {n!r}, module {module!r}: shape A {tuple(f.A.shape)}"
+                                   f" / B {tuple(f.B.shape)} differs from the other adapters' "
+                                   f"(in={K}, out={N})")
+        R = max(f.rank for f in present)
+        E = len(names)
+        A = torch.zeros(E, R, K, dtype=dtype, device=device)
+        B = torch.zeros(E, N, R, dtype=dtype, device=device)
+        scale = torch.zeros(E, dtype=torch.float32, device=device)
+        rank = torch.zeros(E, dtype=torch.int32, device=device)
+        for i, f in enumerate(fs):
+            if f is None:
+                continue
+            r = f.rank
+            A[i, :r] = f.A.to(device=device, dtype=dtype)
+            B[i, :, :r] = f.B.to(device=device, dtype=dtype)
+            scale[i] = f.scale
+            rank[i] = r
+        return ModuleStack(names, A, B, scale, rank)
+
+    def _attach(self, model) -> None:
+        self._models.add(model)
+
+    def _detach(self, model) -> None:
+        self._models.discard(model)

@@ -1,0 +1,92 @@
+"""``MultiLoRALinear``: the drop-in module that patched models use in place of ``nn.Linear`` /
+HF ``Conv1D``. It keeps the original as ``base_layer`` and adds, per token, the delta of the adapter
+its sequence selected (multi-tenant) or of the experts a router picked (composition).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .context import _SELECTION, _TOKENS, token_map
+
+__all__ = ["MultiLoRALinear"]
+
+
+class MultiLoRALinear(nn.Module):
+    """A Linear-like layer serving every adapter of an :class:`AdapterLibrary` at once.
+
+    Args:
+        base_layer: the original ``nn.Linear`` or ``transformers.pytorch_utils.Conv1D``.
+        name: the module path in the patched model (the key of its adapters in the library).
+        state: the patch state shared by all patched layers of one model (library, router).
+        kind: ``"linear"`` (weight [out, in]) or ``"conv1d"`` (weight [in, out]).
+
+    Forward: ``x [..., in] -> [..., out]``. With no adapter selected and no router it is exactly
+    ``base_layer(x)`` (bit-identical).
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str, state, kind: str = "linear"):
+        super().__init__()
+        if kind not in ("linear", "conv1d"):
+            raise ValueError(f"kind must be 'linear' or 'conv1d', got {kind!r}")
+        self.base_layer = base_layer
+        self.lmf_name = name
+        self.lmf_kind = kind
+        object.__setattr__(self, "_lmf_state", state)  # shared, not a submodule
+
+    @property
+    def in_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[1] if self.lmf_kind == "linear" else w.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[0] if self.lmf_kind == "linear" else w.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Base weight as [out, in] (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w if self.lmf_kind == "linear" else w.t()
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return f"name={self.lmf_name!r}, kind={self.lmf_kind}"
+
+    def stack(self, dtype=None):
+        """This module's adapter stack (None if no adapter targets it)."""
+        w = self.base_layer.weight
+        return self._lmf_state.lib.stack(self.lmf_name, dtype or w.dtype, w.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._lmf_state
+        tok = _TOKENS.get()
+        if tok is not None and tok[0] is st:
+            idx = tok[1]
+        else:
+            sel = _SELECTION.get()
+            if sel is not None and sel.state is st:
+                b, t = (x.shape[0], x.shape[1]) if x.dim() == 3 else (x.shape[0], 1)
+                idx = token_map(sel.seq_ids, b, t)
+            elif st.router is not None:
+                return st.router.forward(self, x)
+            else:
+                return self.base_layer(x)
+        stack = self.stack()
+        if stack is None:
+            return self.base_layer(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if idx.shape[0] != x2.shape[0]:
+            raise ValueError(f"{self.lmf_name}: the adapter selection covers {idx.shape[0]} tokens "
+                             f"but this layer got {x2.shape[0]} (input shape {tuple(x.shape)})")
+        w = self.weight
+        if x2.dtype != w.dtype:
+            x2 = x2.to(w.dtype)
+        y = ops.multi_lora_linear(x2, w, stack.A, stack.B, stack.scale, stack.rank, idx, None,
+                                  self.base_layer.bias, validate=False)
+        return y.view(*x.shape[:-1], y.shape[-1])
