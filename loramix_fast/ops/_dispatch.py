@@ -24,10 +24,18 @@ def triton_available() -> bool:
     return True
 
 
-def cpp_available() -> bool:
+def cpp_available(op: str | None = None) -> bool:
+    """True when the C++ extension is built and loaded (and defines ``op``, if given)."""
     from .. import _cpp
 
-    return _cpp.load()
+    if not _cpp.load():
+        return False
+    return op is None or _cpp_has(op)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_has(op: str) -> bool:
+    return hasattr(torch.ops.loramix_cpp, op)
 
 
 def forced_backend() -> str | None:
@@ -39,23 +47,23 @@ def forced_backend() -> str | None:
     return b
 
 
-def pick_backend(t: torch.Tensor) -> str:
-    """The backend that runs an op whose main input is ``t``."""
+def pick_backend(t: torch.Tensor, op: str | None = None) -> str:
+    """The backend that runs op ``op`` (its C++ name) whose main input is ``t``."""
     forced = forced_backend()
     if forced == "triton":
         if not triton_available():
             raise RuntimeError("LORAMIX_BACKEND=triton but triton cannot be imported")
         return "triton"
     if forced == "cpp":
-        if not cpp_available():
-            raise RuntimeError("LORAMIX_BACKEND=cpp but the C++ extension could not be built/loaded: "
-                               + _cpp_error())
+        if not cpp_available(op):
+            raise RuntimeError(f"LORAMIX_BACKEND=cpp but the C++ extension (op {op}) could not be "
+                               f"built/loaded: {_cpp_error()}")
         return "cpp"
     if forced == "reference":
         return "reference"
     if t.device.type == "cuda" and triton_available():
         return "triton"
-    if t.device.type == "cpu" and cpp_available():
+    if t.device.type == "cpu" and cpp_available(op):
         return "cpp"
     return "reference"
 

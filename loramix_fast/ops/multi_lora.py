@@ -27,7 +27,7 @@ def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
 def _multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           scale: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
                           w: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    return _run(pick_backend(x), x, weight, A, B, scale, rank, idx, w, bias)
+    return _run(pick_backend(x, "multi_lora_linear"), x, weight, A, B, scale, rank, idx, w, bias)
 
 
 @_multi_lora_linear_op.register_fake
@@ -86,7 +86,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B:
     if torch.compiler.is_compiling():
         y = _multi_lora_linear_op(x2, weight, A, B, scale, rank, idx, w, bias)
     else:
-        y = _run(pick_backend(x2), x2, weight, A, B, scale, rank, idx, w, bias)
+        y = _run(pick_backend(x2, "multi_lora_linear"), x2, weight, A, B, scale, rank, idx, w, bias)
     return y.reshape(*lead, weight.shape[0]) if x.dim() != 2 else y
 
 
@@ -106,8 +106,8 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
     check_tensor("h", h, ndim=3, shape=(M, E, R), device=y.device)
     check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=y.device)
     check_tensor("w", w, ndim=2, shape=(M, idx.shape[1]), optional=True, device=y.device)
-    backend = pick_backend(y)
-    if backend == "cpp" and hasattr(torch.ops.loramix_cpp, "multi_lora_expand"):
+    backend = pick_backend(y, "multi_lora_expand")
+    if backend == "cpp":
         return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx.to(torch.int32), w)
     if backend == "triton":
         try:

@@ -1,0 +1,98 @@
+"""Helpers for tests, benchmarks and the demo: tiny random Hugging Face models built from configs in
+code (no hub), and real peft LoRA adapters written with ``save_pretrained``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AdapterSpec", "tiny_model", "write_peft_adapters", "peft_multi", "FAMILIES", "TARGETS"]
+
+FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt2")
+
+# module names each family's adapters may target
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def tiny_model(family: str = "llama", *, hidden: int = 64, layers: int = 2, vocab: int = 128,
+               intermediate: int | None = None, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+               dtype=torch.float32):
+    """A small random causal LM of the given family, in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    inter = intermediate or hidden * 3 // 2 + 2
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None))
+    elif family == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0))
+    elif family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers,
+                                                 n_head=heads, n_positions=256))
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return model.to(dtype).eval()
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to write: rank, alpha, targets (None: every target of the family), rsLoRA."""
+
+    name: str
+    r: int = 8
+    alpha: float | None = None
+    targets: list | None = None
+    rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+def write_peft_adapters(model, specs, folder: str, family: str = "llama") -> dict[str, str]:
+    """Write each spec as a real peft adapter (``init_lora_weights=False``: random, nonzero B) with
+    ``save_pretrained``; returns ``{name: folder}``. ``model`` is left untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha if spec.alpha is not None else 2 * spec.r,
+                         target_modules=spec.targets or TARGETS[family], init_lora_weights=False,
+                         use_rslora=spec.rslora, rank_pattern=spec.rank_pattern,
+                         fan_in_fan_out=(family == "gpt2"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(copy.deepcopy(model), cfg)
+            path = os.path.join(folder, spec.name)
+            pm.save_pretrained(path)
+        dirs[spec.name] = path
+    return dirs
+
+
+def peft_multi(model, dirs: dict[str, str]):
+    """A peft PeftModel over a copy of ``model`` with every adapter loaded (for parity checks)."""
+    from peft import PeftModel
+
+    names = list(dirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(copy.deepcopy(model), dirs[names[0]], adapter_name=names[0])
+        for n in names[1:]:
+            pm.load_adapter(dirs[n], adapter_name=n)
+    return pm.eval()
