@@ -244,5 +244,8 @@ def mix_logits(
                        torch.full_like(wt, float("-inf")))
     terms = z - lse + logw[..., None]
     terms = torch.where(use[..., None], terms, torch.full_like(terms, float("-inf")))
-    terms = torch.nan_to_num(terms, nan=float("-inf"))
+    # an expert whose logits are all -inf has lse = -inf and z - lse = NaN: it contributes nothing.
+    # (nan_to_num would also turn -inf into the lowest finite number: a row with no positive
+    # weight must stay -inf.)
+    terms = torch.where(torch.isnan(terms), torch.full_like(terms, float("-inf")), terms)
     return torch.logsumexp(terms, dim=1)

@@ -1,0 +1,431 @@
+// mix_logits: weighted mixture of E experts' next-token scores (DESIGN.md operation 3), CPU kernel.
+//
+//   mode "logits": out[b, v] = sum_{e: w[b,e] != 0} w[b,e] * z[b,e,v]                 (ELREA eq. 10)
+//   mode "probs":  out[b, v] = log sum_{e: w[b,e] > 0} w[b,e] * softmax(z[b,e])[v]      (PELMo eq. 4)
+//                            = M + log sum_e exp(a[e,v] - M),   a[e,v] = z[b,e,v] + log w[b,e] - lse[b,e],
+//                              M = max_e a[e,v]   (log domain: no underflow to -inf for unlikely tokens)
+//
+// Memory bound: E*V logits read, V scores written (or one token per row: greedy / sampled).
+// Plan: one OpenMP team; every row b is split across the threads by vocabulary slices (so B = 1
+// decoding uses every core too).
+//   phase 1 ("probs" only): each thread reads its slice of every active expert once, in blocks of
+//     kBlk tokens (block max from L1, then one exp per logit), keeping an online (max, sum) per
+//     expert; a barrier; every thread combines the partials into lse[e].
+//   phase 2: the slice again, in reverse block order, so the tail of phase 1 (about 1 MiB per
+//     thread at E = 4, V = 128256, fp32) is still in L2: E exps and one log per token.
+//     Scores: stored. Greedy: a running (value, index) per lane, ties to the lowest index.
+//     Sample: scores go to a per-row scratch; a barrier; p = exp((s - max) / T) in place, with
+//     per-block sums; a barrier; thread 0 picks the first token whose cumulative mass exceeds u * sum.
+// Experts with weight 0 (negative too in "probs") are never read. exp and log are vectorized
+// polynomials (Cephes expf / logf, about 1 ulp) on GCC vector extensions: AVX-512 with -march=native,
+// AVX2 or SSE elsewhere.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kW = 16;       // lanes per vector
+constexpr int64_t kBlk = 1024;  // tokens per block (a multiple of kW); slices are whole blocks
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef _Float16 vhf __attribute__((vector_size(32)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vi splati(int32_t x) { return vi{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hmax(vf a) {
+  float m = a[0];
+  for (int i = 1; i < kW; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+inline float hsum(vf a) {
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += a[i];
+  return s;
+}
+
+// exp(x); results below FLT_MIN (x < -87.3, -inf included) flush to 0; x must be <= 88.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.33654f);
+  vi under = x < lo;
+  x = vmax(x, lo);
+  vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf z = r * r;
+  vf y = splat(1.9875691500E-4f);
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * z + r + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf res = y * (vf)bits;
+  return under ? splat(0.f) : res;
+}
+
+// log(x) for positive normal x.
+inline vf vlog(vf x) {
+  vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;               // x = m * 2^e, m in [0.5, 1)
+  vf m = (vf)((bits & 0x007fffff) | 0x3f000000);
+  vi small = m < splat(0.707106781186547524f);
+  e = small ? e - 1 : e;
+  m = (small ? m + m : m) - 1.0f;                    // now log(x) = log1p(m) + e log 2
+  vf ef = __builtin_convertvector(e, vf);
+  vf z = m * m;
+  vf y = splat(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  y = y + ef * -2.12194440e-4f - z * 0.5f;
+  return m + y + ef * 0.693359375f;
+}
+
+// Loads of kW elements as fp32 (full vectors and a tail of n < kW with a fill value).
+template <typename T> struct Ld;
+template <> struct Ld<float> {
+  static vf full(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
+  static float one(const float* p) { return *p; }
+};
+template <> struct Ld<at::BFloat16> {
+  static vf full(const at::BFloat16* p) {
+    vh h; std::memcpy(&h, p, sizeof(h));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static float one(const at::BFloat16* p) { return static_cast<float>(*p); }
+};
+template <> struct Ld<at::Half> {
+  static vf full(const at::Half* p) {
+    vhf h; std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, vf);
+  }
+  static float one(const at::Half* p) { return static_cast<float>(*p); }
+};
+template <typename T>
+inline vf load(const T* p, int64_t n, float fill) {  // n >= kW: full vector
+  if (n >= kW) return Ld<T>::full(p);
+  vf x = splat(fill);
+  for (int64_t i = 0; i < n; ++i) x[i] = Ld<T>::one(p + i);
+  return x;
+}
+inline void store(float* p, vf x, int64_t n) {
+  if (n >= kW) std::memcpy(p, &x, sizeof(x));
+  else for (int64_t i = 0; i < n; ++i) p[i] = x[i];
+}
+
+enum Task { kScores = 0, kGreedy = 1, kSample = 2 };
+
+struct Args {
+  int64_t B, E, V, sb, se;  // logits strides in elements (token stride 1)
+  const float* w;           // [B, E] contiguous fp32
+  bool probs;
+  Task task;
+  float* out;               // [B, V] (kScores)
+  int64_t* tok;             // [B] (kGreedy, kSample)
+  const float* u;           // [B] uniforms in [0, 1) (kSample)
+  float inv_t;              // 1 / temperature (kSample)
+};
+
+// One vector of mixed scores at tokens [v, v + n) of row b. k: per-expert offsets (probs) or weights
+// (logits) for the experts in act.
+template <typename T>
+inline vf mixed(const T* zb, int64_t se, const int* act, const float* k, int nact, bool probs,
+                int64_t v, int64_t n) {
+  if (probs) {
+    if (nact == 0) return splat(-kInf);
+    if (nact == 1) return load(zb + act[0] * se + v, n, -kInf) + k[0];
+    vf M = splat(-kInf);
+    for (int i = 0; i < nact; ++i) M = vmax(M, load(zb + act[i] * se + v, n, -kInf) + k[i]);
+    vi dead = M == splat(-kInf);
+    vf Mc = vmax(M, splat(-FLT_MAX));
+    vf S = vf{};
+    for (int i = 0; i < nact; ++i) S += vexp(load(zb + act[i] * se + v, n, -kInf) + k[i] - Mc);
+    return dead ? splat(-kInf) : Mc + vlog(S);  // S in [1, nact] where M is finite
+  }
+  vf acc = vf{};
+  for (int i = 0; i < nact; ++i) acc += load(zb + act[i] * se + v, n, 0.f) * k[i];
+  return acc;
+}
+
+template <typename T>
+void run(const T* z, const Args& a) {
+  const int64_t B = a.B, E = a.E, V = a.V;
+  const int nt_req = std::max(1, at::get_num_threads());
+  const int64_t nblk = (V + kBlk - 1) / kBlk;
+  const int64_t Vpad = nblk * kBlk;
+  std::vector<double> part(2 * (size_t)nt_req * E * 2);        // [parity][t][e][max, sum]
+  std::vector<float> gval((size_t)B * nt_req, -kInf);          // greedy partials [b][t]
+  std::vector<int32_t> gidx((size_t)B * nt_req, INT_MAX);
+  std::vector<float> scratch, smax;
+  std::vector<double> bsum;
+  if (a.task == kSample) {
+    scratch.resize(2 * (size_t)Vpad);
+    smax.resize(2 * (size_t)nt_req);
+    bsum.resize(2 * (size_t)nblk);
+  }
+
+#pragma omp parallel num_threads(nt_req)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t b0 = nblk * t / nt, b1 = nblk * (t + 1) / nt;  // this thread's blocks
+    std::vector<int> act(E);
+    std::vector<float> k(E);
+    std::vector<double> m(E), s(E);
+    const vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+    for (int64_t b = 0; b < B; ++b) {
+      const T* zb = z + b * a.sb;
+      const float* wb = a.w + b * E;
+      const int par = (int)(b & 1);
+      int nact = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const float we = wb[e];
+        if (a.probs ? we > 0.f : we != 0.f) { act[nact] = (int)e; k[nact] = we; ++nact; }
+      }
+
+      if (a.probs && nact > 0) {
+        // ---- phase 1: online (max, sum-exp) of every active expert over this slice
+        for (int i = 0; i < nact; ++i) { m[i] = -INFINITY; s[i] = 0.0; }
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
+          for (int i = 0; i < nact; ++i) {
+            const T* p = zb + act[i] * a.se;
+            vf mx = splat(-kInf);
+            for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
+            const float bm = hmax(mx);
+            if (!(bm > -kInf)) continue;
+            if (bm > m[i]) { s[i] *= std::exp(m[i] - (double)bm); m[i] = bm; }
+            const vf mi = splat((float)m[i]);
+            vf acc = vf{};
+            for (int64_t v = v0; v < v1; v += kW) acc += vexp(load(p + v, v1 - v, -kInf) - mi);
+            s[i] += hsum(acc);
+          }
+        }
+        double* pp = part.data() + ((size_t)par * nt_req + t) * E * 2;
+        for (int i = 0; i < nact; ++i) { pp[2 * i] = m[i]; pp[2 * i + 1] = s[i]; }
+#pragma omp barrier
+        // combine the slices: lse of each expert; experts that are -inf everywhere drop out
+        int keep = 0;
+        for (int i = 0; i < nact; ++i) {
+          double M = -INFINITY;
+          for (int tt = 0; tt < nt; ++tt)
+            M = std::max(M, part[((size_t)par * nt_req + tt) * E * 2 + 2 * i]);
+          if (!(M > -INFINITY)) continue;
+          double S = 0.0;
+          for (int tt = 0; tt < nt; ++tt) {
+            const double* q = part.data() + ((size_t)par * nt_req + tt) * E * 2 + 2 * i;
+            if (q[0] > -INFINITY) S += q[1] * std::exp(q[0] - M);
+          }
+          act[keep] = act[i];
+          k[keep] = (float)(std::log((double)k[i]) - (M + std::log(S)));
+          ++keep;
+        }
+        nact = keep;
+      }
+
+      // ---- phase 2: mixed scores over this slice, blocks in reverse order
+      if (a.task == kScores) {
+        float* ob = a.out + b * V;
+        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
+          for (int64_t v = v0; v < v1; v += kW)
+            store(ob + v, mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v), v1 - v);
+        }
+      } else if (a.task == kGreedy) {
+        vf bv = splat(-kInf);
+        vi bi = splati(INT_MAX);
+        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
+          for (int64_t v = v0; v < v1; v += kW) {
+            vf x = mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v);
+            vi iv = lane + (int32_t)v;
+            x = iv < splati((int32_t)v1) ? x : splat(-kInf);
+            vi upd = (x > bv) | ((x == bv) & (iv < bi));
+            bv = upd ? x : bv;
+            bi = upd ? iv : bi;
+          }
+        }
+        float best = -kInf;
+        int32_t bidx = INT_MAX;
+        for (int l = 0; l < kW; ++l)
+          if (bv[l] > best || (bv[l] == best && bi[l] < bidx)) { best = bv[l]; bidx = bi[l]; }
+        gval[(size_t)b * nt_req + t] = best;
+        gidx[(size_t)b * nt_req + t] = bidx;
+      } else {  // kSample
+        float* sc = scratch.data() + (size_t)par * Vpad;
+        vf mx = splat(-kInf);
+        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
+          for (int64_t v = v0; v < v0 + kBlk; v += kW) {
+            vf x = v < v1 ? mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v)
+                          : splat(-kInf);
+            x = (lane + (int32_t)v) < splati((int32_t)v1) ? x : splat(-kInf);
+            mx = vmax(mx, x);
+            std::memcpy(sc + v, &x, sizeof(x));
+          }
+        }
+        smax[(size_t)par * nt_req + t] = hmax(mx);
+#pragma omp barrier
+        float G = -kInf;
+        for (int tt = 0; tt < nt; ++tt) G = std::max(G, smax[(size_t)par * nt_req + tt]);
+        double* bs = bsum.data() + (size_t)par * nblk;
+        if (G > -kInf) {
+          const vf Gv = splat(G), it = splat(a.inv_t);
+          for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+            vf acc = vf{};
+            for (int64_t v = blk * kBlk; v < (blk + 1) * kBlk; v += kW) {
+              vf x; std::memcpy(&x, sc + v, sizeof(x));
+              vf p = vexp((x - Gv) * it);
+              p = x == splat(-kInf) ? vf{} : p;
+              acc += p;
+              std::memcpy(sc + v, &p, sizeof(p));
+            }
+            bs[blk] = hsum(acc);
+          }
+        }
+#pragma omp barrier
+        if (t == 0) {
+          int64_t pick = 0;
+          if (G > -kInf) {
+            double total = 0.0;
+            for (int64_t blk = 0; blk < nblk; ++blk) total += bs[blk];
+            const double target = (double)a.u[b] * total;
+            double cum = 0.0;
+            int64_t last = -1;
+            bool found = false;
+            for (int64_t blk = 0; blk < nblk && !found; ++blk) {
+              if (bs[blk] > 0.0) {
+                if (cum + bs[blk] <= target && blk + 1 < nblk) { cum += bs[blk]; continue; }
+                const int64_t v1 = std::min(V, (blk + 1) * kBlk);
+                for (int64_t v = blk * kBlk; v < v1; ++v) {
+                  if (sc[v] > 0.f) {
+                    last = v;
+                    cum += sc[v];
+                    if (cum > target) { pick = v; found = true; break; }
+                  }
+                }
+              }
+            }
+            if (!found && last >= 0) pick = last;
+          }
+          a.tok[b] = pick;
+        }
+      }
+    }
+  }
+
+  if (a.task == kGreedy) {
+    for (int64_t b = 0; b < B; ++b) {
+      float best = -kInf;
+      int32_t bidx = INT_MAX;
+      for (int tt = 0; tt < nt_req; ++tt) {
+        const float x = gval[(size_t)b * nt_req + tt];
+        const int32_t i = gidx[(size_t)b * nt_req + tt];
+        if (x > best || (x == best && i < bidx)) { best = x; bidx = i; }
+      }
+      a.tok[b] = bidx == INT_MAX ? 0 : bidx;
+    }
+  }
+}
+
+void launch(const at::Tensor& logits_in, const at::Tensor& weights_in, const std::string& mode,
+            Args& a) {
+  TORCH_CHECK(logits_in.dim() == 3, "mix_logits: logits must be [B, E, V], got ", logits_in.sizes());
+  TORCH_CHECK(weights_in.dim() == 2 && weights_in.size(0) == logits_in.size(0) &&
+                  weights_in.size(1) == logits_in.size(1),
+              "mix_logits: weights must be [B, E] = [", logits_in.size(0), ", ", logits_in.size(1),
+              "], got ", weights_in.sizes());
+  TORCH_CHECK(mode == "logits" || mode == "probs", "mix_logits: mode must be 'logits' or 'probs', got '",
+              mode, "'");
+  TORCH_CHECK(logits_in.size(2) < INT_MAX - kBlk, "mix_logits: V too large");
+  at::Tensor logits = logits_in.stride(2) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor weights = weights_in.to(at::kFloat).contiguous();
+  a.B = logits.size(0); a.E = logits.size(1); a.V = logits.size(2);
+  a.sb = logits.stride(0); a.se = logits.stride(1);
+  a.w = weights.data_ptr<float>();
+  a.probs = mode == "probs";
+  if (a.B == 0) return;
+  if (a.V == 0) {
+    TORCH_CHECK(a.task == kScores, "mix_logits: cannot pick a token from an empty vocabulary");
+    return;
+  }
+  switch (logits.scalar_type()) {
+    case at::kFloat: run<float>(logits.data_ptr<float>(), a); break;
+    case at::kBFloat16: run<at::BFloat16>(logits.data_ptr<at::BFloat16>(), a); break;
+    case at::kHalf: run<at::Half>(logits.data_ptr<at::Half>(), a); break;
+    default: TORCH_CHECK(false, "mix_logits: logits dtype must be float32, bfloat16 or float16, got ",
+                         logits.scalar_type());
+  }
+}
+
+at::Tensor mix_logits_cpu(const at::Tensor& logits, const at::Tensor& weights, c10::string_view mode) {
+  at::Tensor out = at::empty({logits.size(0), logits.dim() == 3 ? logits.size(2) : 0},
+                             logits.options().dtype(at::kFloat));
+  Args a{};
+  a.task = kScores;
+  a.out = out.data_ptr<float>();
+  launch(logits, weights, std::string(mode), a);
+  return out;
+}
+
+at::Tensor mix_logits_greedy_cpu(const at::Tensor& logits, const at::Tensor& weights,
+                                 c10::string_view mode) {
+  at::Tensor tok = at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
+  Args a{};
+  a.task = kGreedy;
+  a.tok = tok.data_ptr<int64_t>();
+  launch(logits, weights, std::string(mode), a);
+  return tok;
+}
+
+at::Tensor mix_logits_sample_cpu(const at::Tensor& logits, const at::Tensor& weights,
+                                 c10::string_view mode, const at::Tensor& uniforms, double temperature) {
+  TORCH_CHECK(temperature > 0.0, "mix_logits_sample: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(uniforms.dim() == 1 && uniforms.size(0) == logits.size(0),
+              "mix_logits_sample: uniforms must be [B] = [", logits.size(0), "], got ", uniforms.sizes());
+  at::Tensor u = uniforms.to(at::kFloat).contiguous();
+  at::Tensor tok = at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
+  Args a{};
+  a.task = kSample;
+  a.tok = tok.data_ptr<int64_t>();
+  a.u = u.data_ptr<float>();
+  a.inv_t = (float)(1.0 / temperature);
+  launch(logits, weights, std::string(mode), a);
+  return tok;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) {
+  m.def("mix_logits(Tensor logits, Tensor weights, str mode) -> Tensor");
+  m.def("mix_logits_greedy(Tensor logits, Tensor weights, str mode) -> Tensor");
+  m.def("mix_logits_sample(Tensor logits, Tensor weights, str mode, Tensor uniforms, float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loramix_cpp, CPU, m) {
+  m.impl("mix_logits", &mix_logits_cpu);
+  m.impl("mix_logits_greedy", &mix_logits_greedy_cpu);
+  m.impl("mix_logits_sample", &mix_logits_sample_cpu);
+}
