@@ -7,6 +7,8 @@
 from . import ops, reference  # noqa: F401
 from .adapters import BASE, AdapterError, AdapterLibrary, LoRAFactors, ModuleStack  # noqa: F401
 from .modules import MultiLoRALinear  # noqa: F401
+from .routing import (Arrow, PromptCached, SpectR, Uniform, align_stack,  # noqa: F401
+                      record_routing, routing_report)
 from .patching import PATCH_TABLE, is_patched, patch, set_router, unpatch, use_adapters  # noqa: F401
 
 __version__ = "0.1.0"

@@ -36,16 +36,17 @@ def tiny_model(family: str = "llama", *, hidden: int = 64, layers: int = 2, voca
                   num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, max_position_embeddings=256)
     if family == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     elif family == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
     elif family == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None))
     elif family == "phi3":
-        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0))
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif family == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers,
-                                                 n_head=heads, n_positions=256))
+                                                 n_head=heads, n_positions=256,
+                                                 bos_token_id=1, eos_token_id=2))
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return model.to(dtype).eval()
