@@ -1,0 +1,328 @@
+"""Ensemble generation: mix the next-token distributions of several experts (LoRA adapters of one
+patched model, the base model, or prompts on one backbone) and decode the mixture.
+
+    seqs = lmf.ensemble_generate(model, ids, experts=["math", "code", "__base__"],
+                                 weights=[0.5, 0.3, 0.2], mode="probs", max_new_tokens=32)
+
+All experts run in ONE batched forward per step: each sequence is repeated once per expert, each copy
+carries its expert's adapter (the multi-LoRA op with one slot) and its own KV cache, and every copy
+of a sequence is fed the same (mixed) next token. The last-position logits ``[B, E, V]`` are mixed
+by the fused ``mix_logits`` op (ELREA eq. 10 for ``mode="logits"``, PELMo eq. 4 for ``"probs"``).
+
+Legend: B = sequences, E = experts, N = B * E copies, P = prompt length, L = copy prompt length
+(expert prefix + prompt, left-padded), V = vocabulary.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import reference
+from .adapters import BASE
+from .patching import _state, is_patched, use_adapters
+
+try:  # the fused op; the pure-torch reference until it lands
+    from .ops.mix_logits import mix_logits as _mix_op
+    from .ops.mix_logits import mix_logits_greedy as _mix_greedy_op
+    from .ops.mix_logits import mix_logits_sample as _mix_sample_op
+except ModuleNotFoundError as e:  # only the module missing; a bug inside it still raises
+    if e.name != f"{__package__}.ops.mix_logits":
+        raise
+    _mix_op = _mix_greedy_op = _mix_sample_op = None
+
+try:
+    from .ensemble_weights import elrea_weights, topk_renormalize  # noqa: F401
+except ModuleNotFoundError as e:
+    if e.name != f"{__package__}.ensemble_weights":
+        raise
+
+__all__ = ["ensemble_generate", "mix_next_token"]
+
+
+# ---- choosing the next token -----------------------------------------------------------------
+
+def _mix(logits: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    if _mix_op is not None:
+        return _mix_op(logits, weights, mode)
+    return reference.mix_logits(logits, weights, mode)
+
+
+def _top_p_filter(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """HF ``TopPLogitsWarper`` semantics: keep the smallest set of top tokens whose probability
+    reaches ``top_p`` (always at least the top one); the rest get -inf. z [B, V]."""
+    sorted_z, order = torch.sort(z, dim=-1, descending=False)
+    cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p)
+    drop[:, -1] = False
+    return z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def mix_next_token(logits: torch.Tensor, weights: torch.Tensor, mode: str = "probs", *,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each sequence from its experts' logits.
+
+    Semantics:
+        z[b] = mix_logits(logits, weights, mode)[b]           (see ``reference.mix_logits``)
+        greedy: tok[b] = argmax_v z[b, v]  (first index on ties)
+        sample: tok[b] ~ softmax(top_p_filter(z[b] / temperature))   (one draw per sequence)
+    Shapes: logits [B, E, V], weights [B, E] float32. Returns tok [B] int64.
+    Uses the fused ``loramix_fast.ops.mix_logits`` ops when present (they never materialise z).
+    """
+    if not do_sample:
+        if _mix_greedy_op is not None:
+            return _mix_greedy_op(logits, weights, mode).long()
+        return _mix(logits, weights, mode).argmax(-1)
+    if _mix_sample_op is not None:
+        return _mix_sample_op(logits, weights, mode, temperature=temperature, top_p=top_p,
+                              generator=generator).long()
+    z = _mix(logits, weights, mode).float()
+    if temperature != 1.0:
+        z = z / temperature
+    if top_p < 1.0:
+        z = _top_p_filter(z, top_p)
+    probs = torch.softmax(z, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _check_experts(model, experts) -> list[str]:
+    if isinstance(experts, str) or not isinstance(experts, Sequence) or len(experts) == 0:
+        raise ValueError("experts must be a non-empty list of adapter names (or "
+                         f"{BASE!r} for the base model), got {experts!r}")
+    experts = list(experts)
+    for e in experts:
+        if not isinstance(e, str):
+            raise TypeError(f"experts must be adapter names (str), got {type(e).__name__} {e!r}")
+    if is_patched(model):
+        lib = _state(model).lib
+        unknown = [e for e in experts if e != BASE and e not in lib]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; the model's library has "
+                             f"{list(lib.names)} (or {BASE!r} for the base model)")
+    elif any(e != BASE for e in experts):
+        raise ValueError("experts name adapters but the model is not patched by loramix_fast "
+                         "(call lmf.patch(model, lib) first); an unpatched model only serves "
+                         f"{BASE!r} experts (e.g. with expert_prompts)")
+    return experts
+
+
+def _check_weights(weights, input_ids, attention_mask, B: int, E: int, mode: str,
+                   device) -> torch.Tensor:
+    if weights is None:
+        w = torch.full((B, E), 1.0 / E, dtype=torch.float32, device=device)
+    else:
+        if callable(weights) and not isinstance(weights, torch.Tensor):
+            weights = weights(input_ids, attention_mask)
+        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        if w.dim() == 1 and w.shape[0] == E:
+            w = w.expand(B, E)
+        if tuple(w.shape) != (B, E):
+            raise ValueError(f"weights must have shape [batch, n_experts] = [{B}, {E}] or "
+                             f"[n_experts] = [{E}], got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weights must be finite")
+    live = (w > 0) if mode == "probs" else (w != 0)
+    dead = (~live.any(1)).nonzero().flatten().tolist()
+    if dead:
+        what = "positive" if mode == "probs" else "nonzero"
+        raise ValueError(f"every sequence needs at least one {what} expert weight in mode "
+                         f"{mode!r}; sequence(s) {dead} have none")
+    return w.contiguous()
+
+
+def _token_list(p, name: str) -> list[int]:
+    if p is None:
+        return []
+    if isinstance(p, torch.Tensor):
+        if p.dim() == 2 and p.shape[0] == 1:
+            p = p[0]
+        if p.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape "
+                             f"{tuple(p.shape)}")
+        return [int(t) for t in p.tolist()]
+    if isinstance(p, str):
+        raise TypeError(f"{name} must be token ids (tokenize it first), got a string")
+    return [int(t) for t in p]
+
+
+# ---- the model call --------------------------------------------------------------------------
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    """(name of the cache argument, whether ``logits_to_keep`` is accepted) for this model."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+# ---- the public entry point ------------------------------------------------------------------
+
+def ensemble_generate(
+    model,
+    input_ids: torch.Tensor,
+    experts: Sequence[str],
+    weights=None,
+    mode: str = "probs",
+    max_new_tokens: int = 20,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    expert_prompts: Sequence | None = None,
+    pad_token_id: int | None = None,
+) -> torch.LongTensor:
+    """Generate from a weighted ensemble of experts, all run in one batched forward per step.
+
+    Semantics (per sequence b, step t):
+        logits[b, e] = model(prefix_e + prompt_b + generated_b, adapter=experts[e])[-1]
+        z[b] = sum_e w[b, e] * logits[b, e]                        mode="logits" (ELREA eq. 10)
+        z[b] = log sum_e w[b, e] * softmax(logits[b, e])           mode="probs"  (PELMo eq. 4)
+        next[b] = argmax z[b]  (greedy), or one draw from softmax(top_p(z[b] / temperature)),
+        appended to every expert's copy of sequence b.
+    The weights are fixed for the whole generation. A sequence stops after it emits an EOS token;
+    later positions hold ``pad_token_id``; the loop ends when every sequence has stopped.
+
+    Args:
+        model: a causal LM (Hugging Face API: ``model(input_ids, attention_mask, position_ids,
+            cache/past_key_values, use_cache)``), patched with ``lmf.patch`` when ``experts``
+            name adapters; an unpatched model serves ``"__base__"`` experts only.
+        input_ids: [B, P] int64 prompts, left-padded (right padding is also accepted: rows are
+            compacted before decoding).
+        experts: E names, each an adapter of the model's library or ``"__base__"``.
+        weights: [B, E] or [E] (broadcast) tensor/list, None (uniform 1/E), or a callable
+            ``weights(input_ids, attention_mask) -> [B, E] or [E]`` called once on the prompt.
+            mode "probs" ignores non-positive weights and needs one positive weight per sequence;
+            "logits" allows any finite weights (they need not sum to 1), one nonzero per sequence.
+        mode: "probs" (PELMo, default) or "logits" (ELREA).
+        max_new_tokens: number of tokens to generate (>= 0).
+        attention_mask: [B, P] of 0/1 (None: all ones).
+        do_sample / temperature / top_p / generator: sampling; one draw per sequence per step
+            from the mixture, reproducible from ``generator`` (or the global seed when None).
+        eos_token_id: int or list of ints; None takes ``model.generation_config.eos_token_id``
+            (like ``generate``).
+        expert_prompts: None, or E token-id sequences (1-D tensor / list; None or [] for no
+            prefix): expert e sees ``expert_prompts[e] + prompt_b`` (PELMo's prompt experts).
+            Copies of unequal length are left-padded.
+        pad_token_id: fills positions after EOS; None takes the generation config's, else the
+            first EOS id, else 0.
+
+    Returns:
+        LongTensor [B, P + T], the input prompts followed by the generated tokens, T <=
+        max_new_tokens (fewer when every sequence stopped early), like ``generate``.
+    """
+    # ---- validate --------------------------------------------------------------------------
+    if mode not in ("logits", "probs"):
+        raise ValueError(f"mode must be 'logits' or 'probs', got {mode!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, prompt_len] LongTensor, got "
+                         f"{type(input_ids).__name__} of shape "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    experts = _check_experts(model, experts)
+    B, P = input_ids.shape
+    E = len(experts)
+    device = input_ids.device
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif tuple(attention_mask.shape) != (B, P):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if expert_prompts is not None:
+        if isinstance(expert_prompts, (str, torch.Tensor)) or len(expert_prompts) != E:
+            raise ValueError(f"expert_prompts must be a list of {E} token-id sequences (one per "
+                             "expert; None or [] for none)")
+        prefixes = [_token_list(p, f"expert_prompts[{i}]") for i, p in enumerate(expert_prompts)]
+    else:
+        prefixes = [[] for _ in range(E)]
+    w = _check_weights(weights, input_ids, attention_mask, B, E, mode, device)  # [B, E]
+
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_cfg is not None:
+        eos_token_id = gen_cfg.eos_token_id
+    eos = [] if eos_token_id is None else (
+        [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id])
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    if B == 0 or max_new_tokens == 0:
+        return input_ids.clone()
+
+    # ---- the copies: row n = b * E + e ------------------------------------------------------
+    lengths = attention_mask.sum(1)
+    if any(prefixes) or not bool((attention_mask[:, -1] == 1).all()):
+        # rebuild every copy as prefix_e + the prompt's real tokens, left-padded to a common L
+        rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(B)]
+        copies = [prefixes[e] + rows[b] for b in range(B) for e in range(E)]
+        empty = sorted({n // E for n, c in enumerate(copies) if not c})
+        if empty:
+            raise ValueError(f"sequence(s) {empty} have no tokens (an all-zero attention_mask "
+                             "row and no expert prompt)")
+        L = max(len(c) for c in copies)
+        ids = torch.full((B * E, L), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B * E, L), dtype=torch.long)
+        for n, c in enumerate(copies):
+            ids[n, L - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[n, L - len(c):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+    else:
+        if bool((lengths == 0).any()):
+            raise ValueError("every sequence needs at least one token")
+        ids = input_ids.repeat_interleave(E, dim=0)  # [N, P]
+        mask = attention_mask.repeat_interleave(E, dim=0)
+    N = B * E
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, L]
+
+    cache_kw, has_keep = _forward_kwargs(model)
+    extra = {"logits_to_keep": 1} if has_keep else {}
+    names = [experts[n % E] for n in range(N)]
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    step_mask = mask
+    step_pos = pos
+    step_ids = ids
+    cache = None
+
+    selection = use_adapters(model, names) if is_patched(model) else contextlib.nullcontext()
+    with torch.inference_mode(), selection:
+        for t in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                        use_cache=True, **{cache_kw: cache}, **extra)
+            cache = _returned_cache(out)
+            logits = out.logits[:, -1, :]  # [N, V]
+            logits = logits.view(B, E, logits.shape[-1])  # [B, E, V]
+            tok = mix_next_token(logits, w, mode, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, generator=generator)  # [B]
+            if eos_t is not None:
+                tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+                done = done | torch.isin(tok, eos_t)
+            new_tokens.append(tok)
+            if t == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
+                break
+            step_ids = tok.repeat_interleave(E)[:, None]  # [N, 1]
+            step_pos = step_pos[:, -1:] + 1
+            step_mask = torch.cat([step_mask, step_mask.new_ones(N, 1)], dim=1)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
