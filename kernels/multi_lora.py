@@ -276,9 +276,10 @@ def _block_r(R: int) -> int:
 
 def gemm_config(M: int, dtype: torch.dtype) -> dict:
     """Block config of ``_multi_lora_fwd_kernel`` for M rows (no autotuning at import time).
-    Decode (small M) uses narrow N tiles so W streams through many SMs; prefill uses 128x128."""
+    Decode (small M) uses narrow N tiles so W streams through many SMs (N / 32 programs); prefill
+    uses 128x128 tiles (64x128 in fp32). Chosen from AOT register/smem reports, not yet timed."""
     if M <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     elif M <= 32:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     elif M <= 64:
@@ -290,6 +291,8 @@ def gemm_config(M: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # twice the bytes per element: halve the K step
         cfg["BLOCK_K"] = max(32, cfg["BLOCK_K"] // 2)
         cfg["num_stages"] = min(cfg["num_stages"], 3)
+        if cfg["BLOCK_M"] == 128:  # exact (non-TF32) fp32 dots run on FMA units: 128x128 spills
+            cfg["BLOCK_M"] = 64
     cfg["GROUP_M"] = 8
     return cfg
 
@@ -302,8 +305,13 @@ def shrink_split(M: int, S: int, K: int, BLOCK_K: int) -> int:
     return split
 
 
-def _shrink_block_k(BLOCK_R: int) -> int:
-    return max(32, 4096 // BLOCK_R)
+def shrink_config(grouped: bool, BLOCK_R: int, dtype: torch.dtype) -> dict:
+    """Block config of the shrink kernels. Per-row: a [BLOCK_R, BLOCK_K] tile of A per step
+    (~4K elements); grouped: [64 rows, BLOCK_K] x [BLOCK_K, BLOCK_R] tensor-core steps."""
+    if grouped:
+        return dict(BLOCK_M=64, BLOCK_K=64 if dtype != torch.float32 else 32, num_warps=4,
+                    num_stages=3)
+    return dict(BLOCK_K=max(32, 4096 // BLOCK_R), num_warps=4, num_stages=1)
 
 
 def _check(name, t, shape):
@@ -379,19 +387,20 @@ def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Ten
     elif grouped:
         split = 1
         h = torch.empty((1, M, S, BLOCK_R), dtype=torch.float32, device=x.device)
-        BM = cfg.get("SHRINK_BLOCK_M", 64)
-        _multi_lora_shrink_grouped_kernel[(triton.cdiv(M, BM),)](
+        sc = shrink_config(True, BLOCK_R, x.dtype)
+        _multi_lora_shrink_grouped_kernel[(triton.cdiv(M, sc["BLOCK_M"]),)](
             x, A, scale, rank, idx, w if w is not None else scale, h, perm,
             M, K, S, E, R,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
             idx.stride(0), idx.stride(1),
             w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
             h.stride(1), h.stride(2),
-            HAS_W=w is not None, BLOCK_M=BM, BLOCK_K=64 if x.dtype != torch.float32 else 32,
+            HAS_W=w is not None, BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"],
             BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
-            num_warps=4, num_stages=3)
+            num_warps=sc["num_warps"], num_stages=sc["num_stages"])
     else:
-        bk = _shrink_block_k(BLOCK_R)
+        sc = shrink_config(False, BLOCK_R, x.dtype)
+        bk = sc["BLOCK_K"]
         split = cfg.get("SPLIT", shrink_split(M, S, K, bk))
         k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
         h = torch.empty((split, M, S, BLOCK_R), dtype=torch.float32, device=x.device)
@@ -403,7 +412,8 @@ def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Ten
             w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
             h.stride(0), h.stride(1), h.stride(2),
             k_per_split,
-            HAS_W=w is not None, BLOCK_R=BLOCK_R, BLOCK_K=bk, num_warps=4)
+            HAS_W=w is not None, BLOCK_R=BLOCK_R, BLOCK_K=bk, num_warps=sc["num_warps"],
+            num_stages=sc["num_stages"])
 
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _multi_lora_fwd_kernel[grid](

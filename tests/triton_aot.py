@@ -43,7 +43,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["compile_kernel", "signature_of", "div16_default", "resource_usage", "tensor_core_ops", "cuobjdump_path"]
+__all__ = ["aot_available", "compile_kernel", "signature_of", "div16_default", "resource_usage", "tensor_core_ops", "cuobjdump_path"]
 
 
 def _param_names(fn) -> list[str]:
@@ -87,12 +87,29 @@ def _freeze(d: dict) -> tuple:
     return tuple(sorted(d.items()))
 
 
+def _as_jit(fn):
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"{getattr(fn, '__name__', fn)} is a {type(fn).__name__}, not a JITFunction: "
+                        "AOT compilation needs triton imported without TRITON_INTERPRET=1 "
+                        "(the interpreter also patches triton.language while it runs)")
+    return fn
+
+
+def aot_available() -> tuple[bool, str]:
+    """(ok, reason): AOT compilation works in this process (triton importable, not interpreting)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "TRITON_INTERPRET=1: @triton.jit gives interpreted functions, no AOT compile"
+    return True, ""
+
+
 @functools.lru_cache(maxsize=None)
 def _compile_cached(fn, sig: tuple, cexpr: tuple, arch: int, num_warps: int, num_stages: int,
                     div16: tuple):
     names = _param_names(fn)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(fn=fn, signature=dict(sig), constexprs=dict(cexpr), attrs=attrs)
+    src = ASTSource(fn=_as_jit(fn), signature=dict(sig), constexprs=dict(cexpr), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
