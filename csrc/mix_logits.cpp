@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <cfloat>
 #include <climits>
@@ -45,22 +48,22 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 typedef _Float16 vhf __attribute__((vector_size(32)));
 
-inline vf splat(float x) { return vf{} + x; }
-inline vi splati(int32_t x) { return vi{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline float hmax(vf a) {
+static inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
+static inline __attribute__((always_inline)) vi splati(int32_t x) { return vi{} + x; }
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline __attribute__((always_inline)) float hmax(vf a) {
   float m = a[0];
   for (int i = 1; i < kW; ++i) m = a[i] > m ? a[i] : m;
   return m;
 }
-inline float hsum(vf a) {
+static inline __attribute__((always_inline)) float hsum(vf a) {
   float s = 0.f;
   for (int i = 0; i < kW; ++i) s += a[i];
   return s;
 }
 
 // exp(x); results below FLT_MIN (x < -87.3, -inf included) flush to 0; x must be <= 88.
-inline vf vexp(vf x) {
+static inline __attribute__((always_inline)) vf vexp(vf x) {
   const vf lo = splat(-87.33654f);
   vi under = x < lo;
   x = vmax(x, lo);
@@ -80,7 +83,7 @@ inline vf vexp(vf x) {
 }
 
 // log(x) for positive normal x.
-inline vf vlog(vf x) {
+static inline __attribute__((always_inline)) vf vlog(vf x) {
   vi bits = (vi)x;
   vi e = ((bits >> 23) & 0xff) - 126;               // x = m * 2^e, m in [0.5, 1)
   vf m = (vf)((bits & 0x007fffff) | 0x3f000000);
@@ -106,31 +109,31 @@ inline vf vlog(vf x) {
 // Loads of kW elements as fp32 (full vectors and a tail of n < kW with a fill value).
 template <typename T> struct Ld;
 template <> struct Ld<float> {
-  static vf full(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
+  static inline __attribute__((always_inline)) vf full(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
   static float one(const float* p) { return *p; }
 };
 template <> struct Ld<at::BFloat16> {
-  static vf full(const at::BFloat16* p) {
+  static inline __attribute__((always_inline)) vf full(const at::BFloat16* p) {
     vh h; std::memcpy(&h, p, sizeof(h));
     return (vf)(__builtin_convertvector(h, vu) << 16);
   }
   static float one(const at::BFloat16* p) { return static_cast<float>(*p); }
 };
 template <> struct Ld<at::Half> {
-  static vf full(const at::Half* p) {
+  static inline __attribute__((always_inline)) vf full(const at::Half* p) {
     vhf h; std::memcpy(&h, p, sizeof(h));
     return __builtin_convertvector(h, vf);
   }
   static float one(const at::Half* p) { return static_cast<float>(*p); }
 };
 template <typename T>
-inline vf load(const T* p, int64_t n, float fill) {  // n >= kW: full vector
+static inline __attribute__((always_inline)) vf load(const T* p, int64_t n, float fill) {  // n >= kW: full vector
   if (n >= kW) return Ld<T>::full(p);
   vf x = splat(fill);
   for (int64_t i = 0; i < n; ++i) x[i] = Ld<T>::one(p + i);
   return x;
 }
-inline void store(float* p, vf x, int64_t n) {
+static inline __attribute__((always_inline)) void store(float* p, vf x, int64_t n) {
   if (n >= kW) std::memcpy(p, &x, sizeof(x));
   else for (int64_t i = 0; i < n; ++i) p[i] = x[i];
 }
@@ -151,7 +154,7 @@ struct Args {
 // One vector of mixed scores at tokens [v, v + n) of row b. k: per-expert offsets (probs) or weights
 // (logits) for the experts in act.
 template <typename T>
-inline vf mixed(const T* zb, int64_t se, const int* act, const float* k, int nact, bool probs,
+static inline __attribute__((always_inline)) vf mixed(const T* zb, int64_t se, const int* act, const float* k, int nact, bool probs,
                 int64_t v, int64_t n) {
   if (probs) {
     if (nact == 0) return splat(-kInf);
@@ -169,44 +172,72 @@ inline vf mixed(const T* zb, int64_t se, const int* act, const float* k, int nac
   return acc;
 }
 
+static inline __attribute__((always_inline)) bool any_lt(vf a, vf b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LT_OQ) != 0;
+#else
+  vi c = a < b;
+  int r = 0;
+  for (int l = 0; l < kW; ++l) r |= c[l];
+  return r != 0;
+#endif
+}
+
 template <typename T>
 void run(const T* z, const Args& a) {
   const int64_t B = a.B, E = a.E, V = a.V;
   const int nt_req = std::max(1, at::get_num_threads());
   const int64_t nblk = (V + kBlk - 1) / kBlk;
   const int64_t Vpad = nblk * kBlk;
-  std::vector<double> part(2 * (size_t)nt_req * E * 2);        // [parity][t][e][max, sum]
+  std::vector<double> part(std::max(2, nt_req) * (size_t)nt_req * E * 2);  // [parity or t][t][e][max, sum]
   std::vector<float> gval((size_t)B * nt_req, -kInf);          // greedy partials [b][t]
   std::vector<int32_t> gidx((size_t)B * nt_req, INT_MAX);
   std::vector<float> scratch, smax;
   std::vector<double> bsum;
-  if (a.task == kSample) {
-    scratch.resize(2 * (size_t)Vpad);
-    smax.resize(2 * (size_t)nt_req);
-    bsum.resize(2 * (size_t)nblk);
+  if (a.task == kSample) {  // [thread (whole rows) or parity (split rows)][...]
+    scratch.resize(std::max(2, nt_req) * (size_t)Vpad);
+    smax.resize(std::max(2, nt_req) * (size_t)nt_req);
+    bsum.resize(std::max(2, nt_req) * (size_t)nblk);
   }
 
 #pragma omp parallel num_threads(nt_req)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b0 = nblk * t / nt, b1 = nblk * (t + 1) / nt;  // this thread's blocks
+    // B >= 2 * threads: every thread takes whole rows (no barriers). Fewer rows (decoding one sequence):
+    // the team splits each row into vocabulary slices and meets at a barrier per phase.
+    const bool split = B < 2 * nt;
+    const int gsz = split ? nt : 1, gt = split ? t : 0;  // group size, rank in the group
+    const int64_t b0 = nblk * gt / gsz, b1 = nblk * (gt + 1) / gsz;  // this thread's blocks
+    const int64_t nb = b1 - b0, base = b0 * kBlk;
     std::vector<int> act(E);
-    std::vector<float> k(E);
+    std::vector<float> k(E), cf(E);
     std::vector<double> m(E), s(E);
+    // exp cache of phase 1: p[i][v] = exp(z[e_i, v] - bmax[i][block]) over this slice; with it phase
+    // 2 is E FMAs and one log per token instead of E exps. ~1 MiB per thread at E = 4, V = 128256.
+    std::vector<float> cache, bmax, bsm;
+    if (a.probs && E > 1) {
+      cache.resize((size_t)E * nb * kBlk);
+      bmax.resize((size_t)E * nb);
+      bsm.resize((size_t)E * nb);
+    }
     const vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = split ? 0 : t; b < B; b += split ? 1 : nt) {
       const T* zb = z + b * a.sb;
       const float* wb = a.w + b * E;
-      const int par = (int)(b & 1);
+      // buffers shared within a group: by row parity when split, by thread otherwise
+      const int par = split ? (int)(b & 1) : t;
+      const int g0 = split ? 0 : t;  // the group's first thread
       int nact = 0;
+      float wsum = 0.f;
       for (int64_t e = 0; e < E; ++e) {
         const float we = wb[e];
-        if (a.probs ? we > 0.f : we != 0.f) { act[nact] = (int)e; k[nact] = we; ++nact; }
+        if (a.probs ? we > 0.f : we != 0.f) { act[nact] = (int)e; k[nact] = we; wsum += we; ++nact; }
       }
+      const bool cached = a.probs && nact > 1;
 
       if (a.probs && nact > 0) {
-        // ---- phase 1: online (max, sum-exp) of every active expert over this slice
+        // ---- phase 1: per block and expert, block max (from L1) then one exp per logit
         for (int i = 0; i < nact; ++i) { m[i] = -INFINITY; s[i] = 0.0; }
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
@@ -215,28 +246,51 @@ void run(const T* z, const Args& a) {
             vf mx = splat(-kInf);
             for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
             const float bm = hmax(mx);
+            if (cached) bmax[(size_t)i * nb + (blk - b0)] = bm;
             if (!(bm > -kInf)) continue;
-            if (bm > m[i]) { s[i] *= std::exp(m[i] - (double)bm); m[i] = bm; }
-            const vf mi = splat((float)m[i]);
+            const vf bmv = splat(bm);
             vf acc = vf{};
-            for (int64_t v = v0; v < v1; v += kW) acc += vexp(load(p + v, v1 - v, -kInf) - mi);
-            s[i] += hsum(acc);
+            if (cached) {
+              float* c = cache.data() + ((size_t)i * nb + (blk - b0)) * kBlk - v0;
+              for (int64_t v = v0; v < v1; v += kW) {
+                vf e = vexp(load(p + v, v1 - v, -kInf) - bmv);
+                acc += e;
+                std::memcpy(c + v, &e, sizeof(e));
+              }
+            } else {
+              for (int64_t v = v0; v < v1; v += kW) acc += vexp(load(p + v, v1 - v, -kInf) - bmv);
+            }
+            const double bs = hsum(acc);
+            if (cached) bsm[(size_t)i * nb + (blk - b0)] = (float)bs;
+            if (bm > m[i]) { s[i] *= std::exp(m[i] - (double)bm); m[i] = bm; }
+            s[i] += bs * std::exp((double)bm - m[i]);
           }
         }
         double* pp = part.data() + ((size_t)par * nt_req + t) * E * 2;
         for (int i = 0; i < nact; ++i) { pp[2 * i] = m[i]; pp[2 * i + 1] = s[i]; }
+        if (split) {
 #pragma omp barrier
+        }
         // combine the slices: lse of each expert; experts that are -inf everywhere drop out
         int keep = 0;
         for (int i = 0; i < nact; ++i) {
           double M = -INFINITY;
-          for (int tt = 0; tt < nt; ++tt)
+          for (int tt = g0; tt < g0 + gsz; ++tt)
             M = std::max(M, part[((size_t)par * nt_req + tt) * E * 2 + 2 * i]);
           if (!(M > -INFINITY)) continue;
           double S = 0.0;
-          for (int tt = 0; tt < nt; ++tt) {
+          for (int tt = g0; tt < g0 + gsz; ++tt) {
             const double* q = part.data() + ((size_t)par * nt_req + tt) * E * 2 + 2 * i;
             if (q[0] > -INFINITY) S += q[1] * std::exp(q[0] - M);
+          }
+          if (cached) {  // cf := w / S * exp(bmax - M) per block, computed in place below
+            m[keep] = M;
+            s[keep] = (double)k[i] / S;
+            if (keep != i) {
+              std::memmove(bmax.data() + (size_t)keep * nb, bmax.data() + (size_t)i * nb, nb * sizeof(float));
+              std::memmove(cache.data() + (size_t)keep * nb * kBlk, cache.data() + (size_t)i * nb * kBlk,
+                           nb * kBlk * sizeof(float));
+            }
           }
           act[keep] = act[i];
           k[keep] = (float)(std::log((double)k[i]) - (M + std::log(S)));
@@ -244,22 +298,49 @@ void run(const T* z, const Args& a) {
         }
         nact = keep;
       }
+      const bool use_cache = cached && nact > 1;
+      const vf thr = splat(1e-20f * wsum);
 
-      // ---- phase 2: mixed scores over this slice, blocks in reverse order
+      // mixed scores at tokens [v, v + n) of this slice's block blk
+      auto scores = [&](int64_t blk, int64_t v, int64_t n) __attribute__((always_inline)) -> vf {
+        if (!use_cache) return mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, n);
+        vf S = vf{};
+        const float* c = cache.data() + (size_t)(blk - b0) * kBlk + (v - blk * kBlk);
+        for (int i = 0; i < nact; ++i) {
+          vf x; std::memcpy(&x, c + (size_t)i * nb * kBlk, sizeof(x));
+          S += x * cf[i];
+        }
+        // tokens unlikely under every expert (the cache underflows): the log-domain formula
+        if (__builtin_expect(any_lt(S, thr), 0)) {
+          vf y = mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, n);
+          return S < thr ? y : vlog(S);
+        }
+        return vlog(S);
+      };
+      auto block_coefs = [&](int64_t blk) {
+        if (!use_cache) return;
+        for (int i = 0; i < nact; ++i) {
+          const float bm = bmax[(size_t)i * nb + (blk - b0)];
+          cf[i] = bm > -kInf ? (float)(s[i] * std::exp((double)bm - m[i])) : 0.f;
+        }
+      };
+
+      // ---- phase 2: mixed scores over this slice, blocks in reverse order (the newest in cache)
       if (a.task == kScores) {
         float* ob = a.out + b * V;
         for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
-          for (int64_t v = v0; v < v1; v += kW)
-            store(ob + v, mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v), v1 - v);
+          for (int64_t v = v0; v < v1; v += kW) store(ob + v, scores(blk, v, v1 - v), v1 - v);
         }
       } else if (a.task == kGreedy) {
         vf bv = splat(-kInf);
         vi bi = splati(INT_MAX);
         for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
           for (int64_t v = v0; v < v1; v += kW) {
-            vf x = mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v);
+            vf x = scores(blk, v, v1 - v);
             vi iv = lane + (int32_t)v;
             x = iv < splati((int32_t)v1) ? x : splat(-kInf);
             vi upd = (x > bv) | ((x == bv) & (iv < bi));
@@ -271,25 +352,27 @@ void run(const T* z, const Args& a) {
         int32_t bidx = INT_MAX;
         for (int l = 0; l < kW; ++l)
           if (bv[l] > best || (bv[l] == best && bi[l] < bidx)) { best = bv[l]; bidx = bi[l]; }
-        gval[(size_t)b * nt_req + t] = best;
-        gidx[(size_t)b * nt_req + t] = bidx;
+        gval[(size_t)b * nt_req + gt] = best;
+        gidx[(size_t)b * nt_req + gt] = bidx;
       } else {  // kSample
         float* sc = scratch.data() + (size_t)par * Vpad;
         vf mx = splat(-kInf);
         for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+          block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
           for (int64_t v = v0; v < v0 + kBlk; v += kW) {
-            vf x = v < v1 ? mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, v1 - v)
-                          : splat(-kInf);
+            vf x = v < v1 ? scores(blk, v, v1 - v) : splat(-kInf);
             x = (lane + (int32_t)v) < splati((int32_t)v1) ? x : splat(-kInf);
             mx = vmax(mx, x);
             std::memcpy(sc + v, &x, sizeof(x));
           }
         }
         smax[(size_t)par * nt_req + t] = hmax(mx);
+        if (split) {
 #pragma omp barrier
+        }
         float G = -kInf;
-        for (int tt = 0; tt < nt; ++tt) G = std::max(G, smax[(size_t)par * nt_req + tt]);
+        for (int tt = g0; tt < g0 + gsz; ++tt) G = std::max(G, smax[(size_t)par * nt_req + tt]);
         double* bs = bsum.data() + (size_t)par * nblk;
         if (G > -kInf) {
           const vf Gv = splat(G), it = splat(a.inv_t);
@@ -305,8 +388,10 @@ void run(const T* z, const Args& a) {
             bs[blk] = hsum(acc);
           }
         }
+        if (split) {
 #pragma omp barrier
-        if (t == 0) {
+        }
+        if (gt == 0) {
           int64_t pick = 0;
           if (G > -kInf) {
             double total = 0.0;
