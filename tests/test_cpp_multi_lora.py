@@ -1,0 +1,287 @@
+"""C++ CPU backend of multi_lora_linear / multi_lora_expand against the fp64 reference.
+
+Runs the op directly (torch.ops.loramix_cpp.*) and through loramix_fast.ops with
+LORAMIX_BACKEND=cpp. Tolerance: at most 2x the error of plain torch at the same dtype (the
+reference without upcast, and the Python-loop formulation), plus one ulp of the output's scale.
+Covers both the per-row path (small adapter groups) and the grouped-GEMM path (groups of >= 24
+rows, the default of LORAMIX_CPP_LARGE_GROUP).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loramix_fast import _cpp, ops, reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if not _cpp.load():
+        pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
+
+
+def _cpp_ops():
+    return torch.ops.loramix_cpp
+
+
+# ------------------------------------------------------------------ inputs ---------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    M: int
+    K: int
+    N: int
+    E: int
+    R: int
+    S: int = 1
+    pop: str = "uniform"          # distinct | uniform | zipf | identical
+    none_frac: float = 0.0        # fraction of slots set to -1
+    ranks: tuple | None = None    # per-adapter ranks (None: all R)
+    weights: bool = False         # pass w [M, S]
+    bias: bool = True
+    x_layout: str = "contiguous"  # contiguous | row_strided | col_strided | transposed
+    weight_t: bool = False        # weight given as a transposed view (HF Conv1D)
+    ab_strided: bool = False      # A with non-unit last stride, B with padded rows
+    dtype: torch.dtype = torch.float32
+
+
+CASES = [
+    Case("decode_distinct", M=16, K=64, N=96, E=16, R=8, pop="distinct"),
+    Case("decode_uniform_none", M=13, K=64, N=80, E=5, R=16, none_frac=0.3),
+    Case("odd_9x41x341_ranks", M=9, K=41, N=341, E=7, R=5, ranks=(5, 3, 0, 1, 4, 5, 2)),
+    Case("zipf_S3_w", M=40, K=48, N=72, E=6, R=12, S=3, pop="zipf", weights=True,
+         ranks=(12, 7, 3, 12, 0, 9), none_frac=0.2),
+    Case("identical_small", M=20, K=32, N=40, E=3, R=4, pop="identical", bias=False),
+    Case("M1", M=1, K=100, N=30, E=2, R=6),
+    Case("M1_S3_w", M=1, K=100, N=30, E=4, R=6, S=3, weights=True),
+    Case("M0", M=0, K=16, N=24, E=3, R=4),
+    Case("S0", M=5, K=16, N=24, E=3, R=4, S=0),
+    Case("E0", M=5, K=16, N=24, E=0, R=4, none_frac=1.0),
+    Case("all_none", M=7, K=16, N=24, E=3, R=4, none_frac=1.0),
+    Case("rank_gt16", M=11, K=40, N=50, E=3, R=40, ranks=(40, 17, 33), weights=True),
+    Case("x_row_strided", M=10, K=64, N=48, E=4, R=8, x_layout="row_strided"),
+    Case("x_col_strided_wT", M=10, K=64, N=48, E=4, R=8, x_layout="col_strided", weight_t=True),
+    Case("x_transposed_ab_strided", M=10, K=64, N=48, E=4, R=8, x_layout="transposed",
+         ab_strided=True),
+    # grouped-GEMM path: groups of >= 24 rows (mixed with small groups for zipf)
+    Case("prefill_uniform", M=512, K=96, N=160, E=4, R=16, none_frac=0.1),
+    Case("prefill_zipf_S2_w", M=600, K=72, N=130, E=9, R=12, S=2, pop="zipf", weights=True,
+         ranks=(12, 5, 12, 0, 7, 12, 3, 11, 1)),
+    Case("prefill_identical_wT", M=520, K=64, N=96, E=3, R=8, pop="identical", weight_t=True,
+         x_layout="row_strided"),
+    Case("prefill_distinct_rank_gt16", M=512, K=40, N=70, E=8, R=24, ranks=(24, 20, 17, 24, 9, 24, 3, 16)),
+]
+for dt in (torch.bfloat16, torch.float16, torch.float64):
+    tag = str(dt).split(".")[-1]
+    CASES += [
+        Case(f"decode_zipf_S2_{tag}", M=12, K=64, N=96, E=5, R=8, S=2, pop="zipf", weights=True,
+             none_frac=0.2, dtype=dt, ranks=(8, 3, 8, 5, 1)),
+        Case(f"odd_{tag}", M=9, K=41, N=341, E=7, R=5, ranks=(5, 3, 0, 1, 4, 5, 2), dtype=dt,
+             weight_t=True),
+        Case(f"prefill_zipf_S2_{tag}", M=512, K=64, N=80, E=6, R=16, S=2, pop="zipf", weights=True,
+             dtype=dt, x_layout="col_strided"),
+    ]
+
+
+def _idx(c: Case, g: torch.Generator) -> torch.Tensor:
+    M, S, E = c.M, c.S, max(c.E, 1)
+    if c.pop == "distinct":
+        idx = (torch.arange(M * S) % E).reshape(M, S)
+    elif c.pop == "identical":
+        idx = torch.full((M, S), int(torch.randint(E, (1,), generator=g)))
+    elif c.pop == "zipf":
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        idx = torch.multinomial(p, M * S, replacement=True, generator=g).reshape(M, S)
+    else:
+        idx = torch.randint(E, (M, S), generator=g)
+    drop = torch.rand(M, S, generator=g) < c.none_frac
+    idx = torch.where(drop, torch.full_like(idx, -1), idx)
+    if c.E == 0:
+        idx = torch.full((M, S), -1)
+    return idx.to(torch.int32)
+
+
+def _rand(shape, g, dt, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dt)
+
+
+def make_inputs(c: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    M, K, N, E, R, dt = c.M, c.K, c.N, c.E, c.R, c.dtype
+    if c.x_layout == "row_strided":
+        x = _rand((M, K + 7), g, dt)[:, :K]
+    elif c.x_layout == "col_strided":
+        x = _rand((M, 2 * K), g, dt)[:, ::2]
+    elif c.x_layout == "transposed":
+        x = _rand((K, M), g, dt).t()
+    else:
+        x = _rand((M, K), g, dt)
+    weight = _rand((K, N), g, dt, K ** -0.5).t() if c.weight_t else _rand((N, K), g, dt, K ** -0.5)
+    if c.ab_strided:
+        A = _rand((E, K, R), g, dt, K ** -0.5).transpose(1, 2)
+        B = _rand((E, N, R + 3), g, dt, R ** -0.5)[..., :R]
+    else:
+        A = _rand((E, R, K), g, dt, K ** -0.5)
+        B = _rand((E, N, R), g, dt, R ** -0.5)
+    scale = (torch.rand(E, generator=g) + 0.5).to(torch.float32)
+    rank = torch.tensor(c.ranks if c.ranks is not None else [R] * E, dtype=torch.int32)
+    idx = _idx(c, g)
+    w = (torch.rand(M, c.S, generator=g) + 0.25) if c.weights else None
+    bias = _rand((N,), g, dt) if c.bias else None
+    return x, weight, A, B, scale, rank, idx, w, bias
+
+
+def poison_padding(A, B, rank):
+    """A copy of A / B whose rows / columns past rank[e] are NaN: a kernel that reads them fails."""
+    A, B = A.clone(), B.clone()
+    for e, r in enumerate(rank.tolist()):
+        A[e, r:] = float("nan")
+        B[e, :, r:] = float("nan")
+    return A, B
+
+
+def tolerance(out_ref: torch.Tensor, torch_outs, dt: torch.dtype) -> float:
+    torch_err = max(((o.double() - out_ref).abs().max().item() if o.numel() else 0.0)
+                    for o in torch_outs)
+    ulp = torch.finfo(dt).eps * (out_ref.abs().max().item() if out_ref.numel() else 1.0)
+    return 2.0 * torch_err + ulp
+
+
+def _check(y, y_ref, torch_outs, dt):
+    assert y.dtype == dt and y.shape == y_ref.shape
+    assert not torch.isnan(y).any()
+    if y.numel() == 0:
+        return
+    err = (y.double() - y_ref).abs().max().item()
+    tol = tolerance(y_ref, torch_outs, dt)
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
+# ------------------------------------------------------------------ multi_lora_linear ----------------
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
+def test_linear_matches_reference(c: Case, monkeypatch):
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c)
+    A_p, B_p = poison_padding(A, B, rank)
+    y = _cpp_ops().multi_lora_linear(x, weight, A_p, B_p, scale, rank, idx, w, bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    torch_outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)]
+    if c.M and c.E:
+        torch_outs.append(reference.multi_lora_linear_loop(x, weight, A, B, scale, rank, idx, w, bias))
+    _check(y, y_ref, torch_outs, c.dtype)
+
+    monkeypatch.setenv("LORAMIX_BACKEND", "cpp")
+    y_ops = ops.multi_lora_linear(x, weight, A_p, B_p, scale, rank, idx.long(), w, bias)
+    assert torch.equal(y_ops, y)
+
+
+def test_linear_rank64_int64_rank_and_fp16_scale():
+    c = Case("r64", M=30, K=80, N=90, E=3, R=64, ranks=(64, 50, 0), S=2, weights=True)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=3)
+    y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale.half(), rank.long(), idx, w.double(), bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale.half(), rank, idx, w, bias, upcast=True)
+    _check(y, y_ref, [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)],
+           torch.float32)
+
+
+def test_linear_leading_dims_through_ops(monkeypatch):
+    monkeypatch.setenv("LORAMIX_BACKEND", "cpp")
+    c = Case("3d", M=24, K=32, N=40, E=3, R=4)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=1)
+    y = ops.multi_lora_linear(x.reshape(2, 12, 32), weight, A, B, scale, rank, idx, w, bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    assert y.shape == (2, 12, 40)
+    _check(y.reshape(24, 40), y_ref, [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx)],
+           torch.float32)
+
+
+# ------------------------------------------------------------------ multi_lora_expand ----------------
+EXPAND_CASES = [
+    Case("expand_decode_S2_w", M=9, K=1, N=341, E=5, R=8, S=2, weights=True, none_frac=0.2,
+         ranks=(8, 3, 0, 8, 5)),
+    Case("expand_prefill_zipf", M=520, K=1, N=96, E=4, R=16, pop="zipf", ranks=(16, 9, 16, 4)),
+    Case("expand_bf16", M=40, K=1, N=64, E=3, R=20, S=3, weights=True, dtype=torch.bfloat16),
+    Case("expand_M0", M=0, K=1, N=64, E=3, R=4),
+]
+
+
+@pytest.mark.parametrize("c", EXPAND_CASES, ids=[c.name for c in EXPAND_CASES])
+def test_expand_matches_reference(c: Case, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    _, _, _, B, scale, rank, idx, w, _ = make_inputs(c)
+    y = _rand((c.M, c.N), g, c.dtype)
+    h = _rand((c.M, c.E, c.R), g, c.dtype)
+    _, B_p = poison_padding(B, B, rank)
+    out = _cpp_ops().multi_lora_expand(y, h, B_p, scale, rank, idx, w)
+    ref = reference.multi_lora_expand(y, h, B, scale, rank, idx, w, upcast=True)
+    _check(out, ref, [reference.multi_lora_expand(y, h, B, scale, rank, idx, w)], c.dtype)
+    assert out.numel() == 0 or out.data_ptr() != y.data_ptr()
+    monkeypatch.setenv("LORAMIX_BACKEND", "cpp")
+    assert torch.equal(ops.multi_lora_expand(y, h, B_p, scale, rank, idx, w), out)
+
+
+# ------------------------------------------------------------------ errors name the argument ---------
+def _base():
+    return list(make_inputs(Case("err", M=6, K=16, N=24, E=3, R=4, weights=True)))
+
+
+def _with(i, v):
+    a = _base()
+    a[i] = v
+    return a
+
+
+ERRORS = {
+    "x_3d": (lambda: _with(0, torch.randn(2, 3, 16)), "x"),
+    "x_int": (lambda: _with(0, torch.ones(6, 16, dtype=torch.int32)), "x"),
+    "weight_K": (lambda: _with(1, torch.randn(24, 15)), "weight"),
+    "weight_dtype": (lambda: _with(1, torch.randn(24, 16, dtype=torch.float64)), "weight"),
+    "A_K": (lambda: _with(2, torch.randn(3, 4, 15)), "A"),
+    "A_dtype": (lambda: _with(2, torch.randn(3, 4, 16).half()), "A"),
+    "B_N": (lambda: _with(3, torch.randn(3, 23, 4)), "B"),
+    "B_R": (lambda: _with(3, torch.randn(3, 24, 5)), "B"),
+    "scale_E": (lambda: _with(4, torch.ones(4)), "scale"),
+    "rank_dtype": (lambda: _with(5, torch.ones(3)), "rank"),
+    "rank_too_big": (lambda: _with(5, torch.tensor([4, 5, 1], dtype=torch.int32)), "rank"),
+    "rank_negative": (lambda: _with(5, torch.tensor([4, -1, 1], dtype=torch.int32)), "rank"),
+    "idx_M": (lambda: _with(6, torch.zeros(5, 1, dtype=torch.int32)), "idx"),
+    "idx_float": (lambda: _with(6, torch.zeros(6, 1)), "idx"),
+    "idx_id_ge_E": (lambda: _with(6, torch.tensor([[0], [1], [3], [2], [0], [1]], dtype=torch.int32)), "idx"),
+    "idx_below_minus1": (lambda: _with(6, torch.tensor([[0], [1], [-2], [2], [0], [1]], dtype=torch.int32)), "idx"),
+    "w_shape": (lambda: _with(7, torch.ones(6, 2)), "w"),
+    "bias_shape": (lambda: _with(8, torch.ones(23)), "bias"),
+    "bias_dtype": (lambda: _with(8, torch.ones(24).half()), "bias"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_linear_errors_name_the_argument(name):
+    make, arg = ERRORS[name]
+    with pytest.raises(RuntimeError, match=rf"\b{re.escape(arg)}\b"):
+        _cpp_ops().multi_lora_linear(*make())
+
+
+def test_expand_errors_name_the_argument():
+    y, h = torch.randn(4, 8), torch.randn(4, 3, 2)
+    B, scale, rank = torch.randn(3, 8, 2), torch.ones(3), torch.full((3,), 2, dtype=torch.int32)
+    idx = torch.zeros(4, 1, dtype=torch.int32)
+    f = _cpp_ops().multi_lora_expand
+    with pytest.raises(RuntimeError, match=r"\bh\b"):
+        f(y, torch.randn(4, 2, 2), B, scale, rank, idx, None)
+    with pytest.raises(RuntimeError, match=r"\bB\b"):
+        f(y, h, torch.randn(3, 7, 2), scale, rank, idx, None)
+    with pytest.raises(RuntimeError, match=r"\bidx\b"):
+        f(y, h, B, scale, rank, torch.full((4, 1), 3, dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match=r"\bw\b"):
+        f(y, h, B, scale, rank, idx, torch.ones(4, 2))
+
+
+def test_loader_contract(monkeypatch):
+    assert _cpp.load() is True and _cpp.load_error() is None
+    assert _cpp.csrc_dir().joinpath("multi_lora.cpp").exists()
+    monkeypatch.setenv("LORAMIX_NO_CPP", "1")
+    assert _cpp.load() is False
+    with pytest.raises(RuntimeError, match="LORAMIX_NO_CPP"):
+        _cpp.build()
