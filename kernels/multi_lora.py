@@ -18,8 +18,8 @@ Two kernels per call, never a second pass over y:
        acc += tl.dot(h_e, B[e, n_tile, :r_e]^T),   h_e[m] = sum_{s: idx[m,s]=e} h[m, s]
    (h_e rows of other adapters are zero). A tile whose rows share one adapter - every tile of a
    grouped large-M batch but the boundary ones - does one dot; a mixed tile one per adapter it holds
-   (decode: up to BLOCK_M * S gathered B_e tiles, each read once per program). Bias is added and y
-   stored once. The same kernel with no base GEMM, a y input and h[m, e, :] is the expand-only op
+   (decode, BLOCK_M = 16: up to 16 * S gathered B_e[n_tile] tiles, each read once per program, so B
+   is read once per used adapter and N-tile: the memory floor). Bias is added and y stored once. The same kernel with no base GEMM, a y input and h[m, e, :] is the expand-only op
    ``multi_lora_expand_triton`` (SpectR's second half).
 
 No host synchronisation (no ``.item()``, no data-dependent shapes): CUDA-graph safe.
@@ -314,6 +314,15 @@ def shrink_config(grouped: bool, BLOCK_R: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_K=max(32, 4096 // BLOCK_R), num_warps=4, num_stages=1)
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(name, t):
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend takes float32, float16 or "
+                        "bfloat16 (float64 runs on the C++/reference backends)")
+
+
 def _check(name, t, shape):
     if t is None:
         return
@@ -348,6 +357,7 @@ def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Ten
     ``grouped`` forces (True) or forbids (False) the adapter-grouped large-M path (default: M >=
     GROUPED_MIN_M); ``config`` overrides keys of :func:`gemm_config`. Both exist for tests/benchmarks.
     """
+    _check_dtype("x", x)
     M, K = x.shape
     N = weight.shape[0]
     E, R = A.shape[0], A.shape[1]
@@ -446,6 +456,8 @@ def multi_lora_expand_triton(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor,
     Shapes: y [M, N], h [M, E, R], B [E, N, R], scale [E], rank [E], idx [M, S], w [M, S] or None.
     Returns a new [M, N] tensor in y.dtype (or ``out``). One pass: y read once, out written once.
     """
+    _check_dtype("y", y)
+    _check_dtype("B", B)
     M, N = y.shape
     E, R = B.shape[0], B.shape[2]
     S = idx.shape[1]

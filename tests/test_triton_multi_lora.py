@@ -203,6 +203,15 @@ else:
             got = multi_lora_linear_triton(x, weight, A, B, scale, rank, idx, None, bias)
             torch.testing.assert_close(got, x @ weight.T + bias, atol=1e-5, rtol=1e-5)
 
+    def test_rejects_float64():
+        x = torch.randn(2, 16, dtype=torch.float64)
+        with pytest.raises(TypeError, match="x has dtype torch.float64"):
+            multi_lora_linear_triton(x, torch.randn(8, 16, dtype=torch.float64),
+                                     torch.zeros(1, 4, 16, dtype=torch.float64),
+                                     torch.zeros(1, 8, 4, dtype=torch.float64), torch.ones(1),
+                                     torch.full((1,), 4, dtype=torch.int32),
+                                     torch.zeros(2, 1, dtype=torch.int32))
+
     def test_through_ops_dispatch():
         """LORAMIX_BACKEND=triton routes loramix_fast.ops.multi_lora_linear to this launcher."""
         if os.environ.get("LORAMIX_BACKEND") != "triton":
