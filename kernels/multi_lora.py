@@ -393,7 +393,7 @@ def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Ten
     perm = _sort_rows(idx, E) if grouped else None
     if not has_adapters:
         split = 1
-        h = torch.zeros((1, 1, 1, BLOCK_R), dtype=torch.float32, device=x.device)  # never read
+        h = torch.empty((1, 1, 1, BLOCK_R), dtype=torch.float32, device=x.device)  # never read
     elif grouped:
         split = 1
         h = torch.empty((1, M, S, BLOCK_R), dtype=torch.float32, device=x.device)

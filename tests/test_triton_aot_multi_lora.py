@@ -45,6 +45,7 @@ class FwdCase:
     expand_only: bool = False  # multi_lora_expand_triton's specialisation
     transposed_w: bool = False  # HF Conv1D: weight.T view, unit stride along N
     tf32: bool = False          # fp32 with torch.backends.cuda.matmul.allow_tf32
+    int64_ids: bool = False     # rank / idx given as int64 tensors, w and scale in half precision
 
     def __str__(self):
         return self.name
@@ -55,6 +56,7 @@ FWD_CASES = [
     FwdCase("decode_m16_s4_r64_bf16", 16, "bf16", S=4, R=64),
     FwdCase("decode_m8_conv1d_fp16", 8, "fp16", transposed_w=True),
     FwdCase("batch_m64_fp16", 64, "fp16", S=2),
+    FwdCase("batch_m32_int64_ids_bf16", 32, "bf16", S=2, int64_ids=True),
     FwdCase("prefill_grouped_fp16", 4096, "fp16"),
     FwdCase("prefill_grouped_bf16", 4096, "bf16", S=2, R=32),
     FwdCase("decode_m1_fp32", 1, "fp32"),
@@ -98,8 +100,9 @@ def _compile_fwd(case: FwdCase, arch: int):
     p = "*" + case.dtype
     sig = signature_of(K._multi_lora_fwd_kernel, dict(
         x_ptr=p, weight_ptr=p, bias_ptr=p, yin_ptr=p, out_ptr=p, h_ptr="*fp32", B_ptr=p,
-        scale_ptr="*fp32", rank_ptr="*i32", idx_ptr="*i32", w_ptr="*fp32", perm_ptr="*i64"),
-        constexprs=cx)
+        scale_ptr="*fp32", rank_ptr="*i64" if case.int64_ids else "*i32",
+        idx_ptr="*i64" if case.int64_ids else "*i32", w_ptr="*bf16" if case.int64_ids else "*fp32",
+        perm_ptr="*i64"), constexprs=cx)
     return cfg, compile_kernel(K._multi_lora_fwd_kernel, sig, cx, arch,
                                num_warps=cfg["num_warps"],
                                num_stages=1 if case.expand_only else cfg["num_stages"],

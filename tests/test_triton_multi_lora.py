@@ -39,7 +39,8 @@ if not INTERPRET:
 else:
     triton = pytest.importorskip("triton")
     from loramix_fast import reference
-    from loramix_fast.kernels.multi_lora import multi_lora_expand_triton, multi_lora_linear_triton
+    from loramix_fast.kernels.multi_lora import (GROUPED_MIN_M, multi_lora_expand_triton,
+                                                 multi_lora_linear_triton)
 
     EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: 2.0 ** -10,
            torch.bfloat16: 2.0 ** -7}
@@ -95,6 +96,8 @@ else:
         Case("m1_s3_oob_fp32", M=1, K=17, N=19, E=2, R=3, S=3, oob=True, has_w=True),
         Case("strided_x_int64_idx_fp32", M=6, K=20, N=18, E=3, R=4, strided_x=True, idx64=True,
              none_frac=0.3),
+        Case("m130_default_path_is_grouped_zipf", M=130, K=16, N=16, E=5, R=4, ranks=[4, 3, 2, 1, 0],
+             popularity="zipf", none_frac=0.1, has_bias=True, config=SMALL),
         Case("bf16_grouped", M=24, K=32, N=24, E=3, R=8, ranks=[8, 5, 2], S=2, has_w=True,
              has_bias=True, grouped=True, dtype=torch.bfloat16, config=SMALL),
         Case("bf16_decode", M=2, K=32, N=24, E=3, R=8, popularity="distinct", has_bias=True,
@@ -165,6 +168,10 @@ else:
         oracle = reference.multi_lora_linear(*args, upcast=True)
         plain = reference.multi_lora_linear(*args)
         assert_close_to_oracle(got, oracle, plain, x.dtype)
+
+    def test_default_case_crosses_grouped_threshold():
+        case = next(c for c in CASES if c.name.startswith("m130_default_path"))
+        assert case.grouped is None and case.M >= GROUPED_MIN_M
 
     @pytest.mark.parametrize("grouped", [False, True], ids=["gathered", "grouped"])
     def test_paths_agree(grouped):
