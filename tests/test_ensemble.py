@@ -20,7 +20,7 @@ VOCAB = 100
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"a": 4, "b": 6, "c": 3}  # name -> rank (not all powers of two)
 GAP = 1e-3  # compare tokens only while the oracle's top-2 gap is above fp32 rounding
-NEW = 10
+NEW = 8
 
 
 def _config():
@@ -194,7 +194,7 @@ def test_sampling_follows_mixture(setup):
     model, _, _ = setup
     ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
     experts, w = ["a", "c"], torch.tensor([0.6, 0.4])
-    n = 4000
+    n = 2000
     out = ensemble_generate(model, ids.expand(n, -1), experts=experts, weights=w,
                             max_new_tokens=1, do_sample=True, temperature=2.0, eos_token_id=[],
                             generator=torch.Generator().manual_seed(0))
@@ -203,7 +203,7 @@ def test_sampling_follows_mixture(setup):
         logits = torch.stack([model(ids, adapter_names=[e]).logits[0, -1] for e in experts])
     p = torch.softmax(reference.mix_logits(logits[None], w[None], "probs", upcast=True)[0] / 2.0,
                       -1)
-    assert (emp - p).abs().max() < 0.035  # ~4 sigma of a binomial with n = 4000
+    assert (emp - p).abs().max() < 0.045  # ~4 sigma of a binomial with n = 2000
 
 
 def test_expert_prompts_of_different_lengths(setup):
@@ -334,3 +334,48 @@ def test_validation_unpatched_and_ids():
     with pytest.raises(ValueError, match="no tokens"):
         ensemble_generate(plain, torch.ones(2, 3, dtype=torch.long), experts=["__base__"],
                           attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
+
+
+@pytest.fixture(scope="module")
+def gpt2_setup(tmp_path_factory):
+    """GPT-2 has learned absolute positions: left padding and prefixes of unequal length only come
+    out right if every copy's position ids start at 0 at its first real token (RoPE in Llama is
+    blind to a constant shift)."""
+    warnings.simplefilter("ignore")
+    folder = tmp_path_factory.mktemp("ensemble_gpt2")
+    torch.manual_seed(1)
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    base_sd = tf.GPT2LMHeadModel(cfg).state_dict()
+    m = tf.GPT2LMHeadModel(cfg)
+    m.load_state_dict(base_sd)
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=5, lora_alpha=10, init_lora_weights=False,
+                                                target_modules=["c_attn", "c_fc"],
+                                                fan_in_fan_out=True))
+    pm.save_pretrained(str(folder / "g"))
+    model = tf.GPT2LMHeadModel(cfg)
+    model.load_state_dict(base_sd)
+    lmf.patch(model.eval(), lmf.AdapterLibrary.from_peft({"g": str(folder / "g")}))
+    base64 = tf.GPT2LMHeadModel(cfg)
+    base64.load_state_dict(base_sd)
+    oracle = peft.PeftModel.from_pretrained(base64, str(folder / "g"), adapter_name="g")
+    return model, oracle.double().eval()
+
+
+def test_absolute_positions_padding_and_prefixes(gpt2_setup):
+    model, oracle = gpt2_setup
+    ids, mask, rows = _prompts(3, seed=2)
+    experts, prefixes = ["g", "__base__", "g"], [[7, 8, 9, 10], [], [55]]
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])
+    for pre in (None, prefixes):
+        out = ensemble_generate(model, ids, experts=experts, weights=w, mode="probs",
+                                max_new_tokens=8, attention_mask=mask, expert_prompts=pre,
+                                eos_token_id=[])
+        ref = _oracle_generate(oracle, rows, experts, w, "probs", 8, prefixes=pre)
+        _assert_matches_oracle(out[:, ids.shape[1]:], ref)
+    gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         adapter_names=["g"] * 3, pad_token_id=0)
+    out = ensemble_generate(model, ids, experts=["g"], weights=[1.0], mode="logits",
+                            max_new_tokens=8, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(out, gen)
