@@ -35,41 +35,52 @@ void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t 
   const float pinf = std::numeric_limits<float>::infinity();
   // Rows cost about T * R loads each; aim for ~16K elements per task.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T * std::max<int64_t>(R, 1)));
+  std::vector<int64_t> rlim(T);
+  for (int64_t t = 0; t < T; ++t) rlim[t] = std::min(std::max<int64_t>(rank[t], 0), R);
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     std::vector<float> topv(kk + 1);
     std::vector<int32_t> topi(kk + 1);
     for (int64_t m = m0; m < m1; ++m) {
       const scalar_t* hrow = hp + m * sm;
       float* srow = s_out + m * T;
-      int64_t n = 0;  // entries held in topv/topi, sorted descending
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t* ht = hrow + t * st;
-        const int64_t r = rank[t];
-        float s;
-        if (first) {
-          s = std::fabs(static_cast<float>(ht[0]));
-          if (scale) s *= scale[t];
-        } else {
-          float acc = 0.f;
-          const int64_t rr = std::min(r, R);
-          if (sr == 1) {
-            for (int64_t j = 0; j < rr; ++j) {
-              const float v = static_cast<float>(ht[j]);
-              acc += v * v;
-            }
-          } else {
-            for (int64_t j = 0; j < rr; ++j) {
-              const float v = static_cast<float>(ht[j * sr]);
-              acc += v * v;
-            }
-          }
-          s = std::sqrt(acc);
+      // 1) scores
+      if (first) {
+        for (int64_t t = 0; t < T; ++t) {
+          const float v = std::fabs(static_cast<float>(hrow[t * st]));
+          srow[t] = scale ? v * scale[t] : v;
         }
-        srow[t] = s;
-        if (r <= 0) continue;  // module not targeted by this expert: never selected
-        // NaN ranks above everything (as in torch.sort); its slot becomes -1 below like +-inf.
-        const float key = std::isnan(s) ? pinf : s;
-        if (n == kk && !(key > topv[n - 1])) continue;
+      } else if (sr == 1) {
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* ht = hrow + t * st;
+          const int64_t rr = rlim[t];
+          float acc = 0.f;
+          for (int64_t j = 0; j < rr; ++j) {
+            const float v = static_cast<float>(ht[j]);
+            acc += v * v;
+          }
+          srow[t] = std::sqrt(acc);
+        }
+      } else {
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* ht = hrow + t * st;
+          const int64_t rr = rlim[t];
+          float acc = 0.f;
+          for (int64_t j = 0; j < rr; ++j) {
+            const float v = static_cast<float>(ht[j * sr]);
+            acc += v * v;
+          }
+          srow[t] = std::sqrt(acc);
+        }
+      }
+      // 2) top-k by insertion over experts with rank > 0, visited in ascending order: only a
+      // strictly greater key displaces an entry, so ties keep the lowest index. NaN ranks above
+      // everything (as in torch.sort) and -inf never enters; both leave the slot -1 below.
+      int64_t n = 0;  // entries held in topv/topi, sorted descending
+      float thr = ninf;  // a key must beat this to enter
+      for (int64_t t = 0; t < T; ++t) {
+        float key = srow[t];
+        key = std::isnan(key) ? pinf : key;
+        if (!(key > thr) || rank[t] <= 0) continue;
         int64_t p = n < kk ? n++ : kk - 1;
         while (p > 0 && key > topv[p - 1]) {
           topv[p] = topv[p - 1];
@@ -78,6 +89,7 @@ void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t 
         }
         topv[p] = key;
         topi[p] = static_cast<int32_t>(t);
+        if (n == kk) thr = topv[kk - 1];
       }
       int32_t* irow = idx_out + m * k;
       float* wrow = w_out + m * k;

@@ -288,3 +288,29 @@ def test_all_zero_ranks_and_empty_rows():
     idx, w, _ = spectr_ops.spectr_topk(h, 3, rank=torch.zeros(8, dtype=torch.int32),
                                        weighting="softmax")
     assert (idx == -1).all() and (w == 0).all()
+
+
+def nonfinite_inputs():
+    """NaN / inf in h and +-inf in score_scale: non-finite scores give -1 slots, exactly as the
+    reference's stable sort (NaN first) + isfinite does."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 6, 4, generator=g) + 0.1
+    h[0, 2, 0] = float("nan")
+    h[1, 4, 1] = float("inf")
+    sc = torch.tensor([1.0, float("-inf"), 1.0, 2.0, 1.0, float("inf")])
+    return h, sc
+
+
+def check_nonfinite(fn):
+    h, sc = nonfinite_inputs()
+    for score, s in (("norm", None), ("first", sc)):
+        for wt in ("uniform", "softmax"):
+            a = fn(h, 3, None, score, s, wt, 1.0)
+            b = reference.spectr_topk(h, 3, score=score, score_scale=s, weighting=wt)
+            assert torch.equal(a[0], b[0]), (score, wt, a[0], b[0])
+            assert torch.allclose(a[1], b[1]), (score, wt, a[1], b[1])
+            assert torch.allclose(a[2], b[2], equal_nan=True)
+
+
+def test_cpp_nonfinite_scores():
+    check_nonfinite(cpp_op())

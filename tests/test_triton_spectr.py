@@ -21,7 +21,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
     import sys
     sys.path.insert(0, {here!r})
     import torch
-    from test_spectr_op import CASES, make_inputs, check_against_reference
+    from test_spectr_op import CASES, make_inputs, check_against_reference, check_nonfinite
     from loramix_fast.ops.spectr import spectr_topk
     import loramix_fast.kernels.spectr as ks
     from loramix_fast.kernels.spectr import spectr_topk_triton
@@ -72,6 +72,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
     rank = torch.tensor([3, 0, 7, 1, 2], dtype=torch.int64)
     out = spectr_topk_triton(h, 7, rank, "norm", None, "softmax", 0.7)
     check_against_reference(h, 7, rank, "norm", None, "softmax", 0.7, out)
+    check_nonfinite(spectr_topk_triton)
     print("OK", n)
 """)
 
