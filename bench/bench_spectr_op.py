@@ -61,10 +61,10 @@ def _measure(fn, device, *, quick):
     timer = _timer(device)
     fn(0)  # warm-up (compiles / builds)
     timer(fn, 3)
-    # pick an iteration count giving ~2 ms (quick) or ~10 ms per sample
+    # many short samples (~1 ms each), median: robust to preemption on a shared machine
     one = max(timer(fn, 3), 0.5)
-    iters = max(3, int((2000 if quick else 10000) / one))
-    reps = 5 if quick else 15
+    iters = max(3, int(1000 / one))
+    reps = 7 if quick else 31
     return statistics.median(timer(fn, iters) for _ in range(reps))
 
 
@@ -113,7 +113,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.quick, args.device)
     print(f"torch {torch.__version__}, {rows[0]['device'] if rows else ''}")
     hdr = f"{'M':>5} {'T':>3} {'R':>3} {'k':>2} {'dtype':>9} {'provider':>11} {'backend':>9} " \

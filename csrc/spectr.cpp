@@ -119,11 +119,9 @@ void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spectr_topk_cpu(const at::Tensor& h, int64_t k,
-                                                                const std::optional<at::Tensor>& rank,
-                                                                c10::string_view score,
-                                                                const std::optional<at::Tensor>& score_scale,
-                                                                c10::string_view weighting, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spectr_topk_cpu(
+    const at::Tensor& h, int64_t k, const std::optional<at::Tensor>& rank, c10::string_view score,
+    const std::optional<at::Tensor>& score_scale, c10::string_view weighting, double temperature) {
   TORCH_CHECK(h.dim() == 3, "spectr_topk: h must be 3-D [M, T, R], got ", h.sizes());
   TORCH_CHECK(h.device().is_cpu(), "spectr_topk: h must be a CPU tensor");
   TORCH_CHECK(k >= 1, "spectr_topk: k must be >= 1, got ", k);
