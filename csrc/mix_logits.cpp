@@ -154,17 +154,18 @@ struct Args {
 // One vector of mixed scores at tokens [v, v + n) of row b. k: per-expert offsets (probs) or weights
 // (logits) for the experts in act.
 template <typename T>
-static inline __attribute__((always_inline)) vf mixed(const T* zb, int64_t se, const int* act, const float* k, int nact, bool probs,
-                int64_t v, int64_t n) {
+static inline __attribute__((always_inline)) vf mixed(const T* zb, int64_t se, const int* act, const float* k,
+                                                      const float* mz, int nact, bool probs, int64_t v, int64_t n) {
+  // probs: a[i] = (z - mz[i]) + k[i] with mz the expert's max (z - mz is exact near the max)
   if (probs) {
     if (nact == 0) return splat(-kInf);
-    if (nact == 1) return load(zb + act[0] * se + v, n, -kInf) + k[0];
+    if (nact == 1) return (load(zb + act[0] * se + v, n, -kInf) - mz[0]) + k[0];
     vf M = splat(-kInf);
-    for (int i = 0; i < nact; ++i) M = vmax(M, load(zb + act[i] * se + v, n, -kInf) + k[i]);
+    for (int i = 0; i < nact; ++i) M = vmax(M, (load(zb + act[i] * se + v, n, -kInf) - mz[i]) + k[i]);
     vi dead = M == splat(-kInf);
     vf Mc = vmax(M, splat(-FLT_MAX));
     vf S = vf{};
-    for (int i = 0; i < nact; ++i) S += vexp(load(zb + act[i] * se + v, n, -kInf) + k[i] - Mc);
+    for (int i = 0; i < nact; ++i) S += vexp((load(zb + act[i] * se + v, n, -kInf) - mz[i]) + k[i] - Mc);
     return dead ? splat(-kInf) : Mc + vlog(S);  // S in [1, nact] where M is finite
   }
   vf acc = vf{};
@@ -210,7 +211,7 @@ void run(const T* z, const Args& a) {
     const int64_t b0 = nblk * gt / gsz, b1 = nblk * (gt + 1) / gsz;  // this thread's blocks
     const int64_t nb = b1 - b0, base = b0 * kBlk;
     std::vector<int> act(E);
-    std::vector<float> k(E), cf(E);
+    std::vector<float> k(E), cf(E), mz(E, 0.f);
     std::vector<double> m(E), s(E);
     // exp cache of phase 1: p[i][v] = exp(z[e_i, v] - bmax[i][block]) over this slice; with it phase
     // 2 is E FMAs and one log per token instead of E exps. ~1 MiB per thread at E = 4, V = 128256.
@@ -293,7 +294,8 @@ void run(const T* z, const Args& a) {
             }
           }
           act[keep] = act[i];
-          k[keep] = (float)(std::log((double)k[i]) - (M + std::log(S)));
+          mz[keep] = (float)M;  // M is a logit, exact in fp32
+          k[keep] = (float)(std::log((double)k[i]) - std::log(S));
           ++keep;
         }
         nact = keep;
@@ -303,7 +305,7 @@ void run(const T* z, const Args& a) {
 
       // mixed scores at tokens [v, v + n) of this slice's block blk
       auto scores = [&](int64_t blk, int64_t v, int64_t n) __attribute__((always_inline)) -> vf {
-        if (!use_cache) return mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, n);
+        if (!use_cache) return mixed(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
         vf S = vf{};
         const float* c = cache.data() + (size_t)(blk - b0) * kBlk + (v - blk * kBlk);
         for (int i = 0; i < nact; ++i) {
@@ -312,7 +314,7 @@ void run(const T* z, const Args& a) {
         }
         // tokens unlikely under every expert (the cache underflows): the log-domain formula
         if (__builtin_expect(any_lt(S, thr), 0)) {
-          vf y = mixed(zb, a.se, act.data(), k.data(), nact, a.probs, v, n);
+          vf y = mixed(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
           return S < thr ? y : vlog(S);
         }
         return vlog(S);

@@ -2,8 +2,8 @@
 
 Math (B = sequences, E = experts, V = vocabulary; z = logits [B, E, V], w = weights [B, E]):
     mode "logits": out[b, v] = sum_{e: w != 0} w[b,e] z[b,e,v]
-    mode "probs":  out[b, v] = M + log sum_e exp(a[e,v] - M),  a[e,v] = z[b,e,v] + k[b,e],
-                   k[b,e] = log w[b,e] - lse_v(z[b,e])  (-inf for w <= 0 or an all -inf expert),
+    mode "probs":  out[b, v] = M + log sum_e exp(a[e,v] - M),  a[e,v] = (z[b,e,v] - m[b,e]) + k[b,e],
+                   m = max_v z[b,e],  k = log w - log sum_v exp(z - m)  (-inf: w <= 0 or all -inf),
                    M = max_e a[e,v]                        (log domain: unlikely tokens stay finite)
 
 Split-V design, so that a few sequences still fill the GPU: the grid is (B, NCHUNK) vocabulary chunks.
@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
-INT_MAX = 2**31 - 1
+NEG_INF = tl.constexpr(float("-inf"))
+_INT_MAX = 2**31 - 1
+INT_MAX = tl.constexpr(_INT_MAX)
 
 
 @triton.jit
@@ -82,8 +83,8 @@ def _mix_logits_fwd_kernel(
         S = tl.sum(ps * tl.exp(pm - M_safe[:, None]), axis=1)
         wv = tl.load(w_ptr + b * E + e_ar, mask=e_ar < E, other=0.0).to(tl.float32)
         alive = (wv > 0) & (M > NEG_INF) & (S > 0)
-        kv = tl.where(alive, tl.log(tl.where(alive, wv, 1.0)) - (M_safe + tl.log(tl.where(alive, S, 1.0))),
-                      NEG_INF)
+        # a = (z - M) + (log w - log S): z - M is exact near the max, so huge logits stay accurate
+        kv = tl.where(alive, tl.log(tl.where(alive, wv, 1.0)) - tl.log(tl.where(alive, S, 1.0)), NEG_INF)
     best_v = tl.full([BLOCK], NEG_INF, tl.float32)
     best_i = tl.full([BLOCK], INT_MAX, tl.int32)
     for v0 in range(c * CHUNK, (c + 1) * CHUNK, BLOCK):
@@ -93,18 +94,20 @@ def _mix_logits_fwd_kernel(
             mx = tl.full([BLOCK], NEG_INF, tl.float32)
             for e in range(E):
                 k = tl.sum(tl.where(e_ar == e, kv, 0.0), axis=0)
+                me = tl.sum(tl.where(e_ar == e, M_safe, 0.0), axis=0)
                 lim = tl.where(k > NEG_INF, V, 0)
                 x = tl.load(z_ptr + b * stride_zb + e * stride_ze + idx, mask=idx < lim,
                             other=NEG_INF).to(tl.float32)
-                mx = tl.maximum(mx, x + k)
+                mx = tl.maximum(mx, (x - me) + k)
             mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
             acc = tl.zeros([BLOCK], tl.float32)
             for e in range(E):
                 k = tl.sum(tl.where(e_ar == e, kv, 0.0), axis=0)
+                me = tl.sum(tl.where(e_ar == e, M_safe, 0.0), axis=0)
                 lim = tl.where(k > NEG_INF, V, 0)
                 x = tl.load(z_ptr + b * stride_zb + e * stride_ze + idx, mask=idx < lim,
                             other=NEG_INF).to(tl.float32)
-                acc += tl.exp(x + k - mx_safe)
+                acc += tl.exp((x - me) + k - mx_safe)
             val = tl.where(mx == NEG_INF, NEG_INF, mx_safe + tl.log(tl.where(acc > 0, acc, 1.0)))
         else:
             val = tl.zeros([BLOCK], tl.float32)
@@ -200,8 +203,9 @@ def mix_logits_greedy_triton(logits: torch.Tensor, weights: torch.Tensor, mode: 
     if gv.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.int64, device=logits.device)
     m = gv.amax(dim=1, keepdim=True)
-    tok = torch.where(gv == m, gi, torch.full_like(gi, INT_MAX)).amin(dim=1)
-    return torch.where(tok == INT_MAX, torch.zeros_like(tok), tok).to(torch.int64)
+    big = _INT_MAX
+    tok = torch.where(gv == m, gi, torch.full_like(gi, big)).amin(dim=1)
+    return torch.where(tok == big, torch.zeros_like(tok), tok).to(torch.int64)
 
 
 def mix_logits_sample_triton(logits: torch.Tensor, weights: torch.Tensor, mode: str,
