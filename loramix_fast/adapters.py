@@ -110,12 +110,16 @@ def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
         raise AdapterError(f"adapter {name!r}: cannot read weights in {path!r}: {e}") from e
     alpha = cfg.get("lora_alpha", 8)
     rs = bool(cfg.get("use_rslora", False))
+    for key in sd:
+        if "lora_embedding_" in key:
+            mod = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+            raise AdapterError(f"adapter {name!r}: module {mod.split('.lora_embedding_')[0]!r} is "
+                               "an embedding target, not supported yet")
     out: dict[str, dict] = {}
     for key, t in sd.items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if "lora_embedding_" in k:
-            raise AdapterError(f"adapter {name!r}: module {k.split('.lora_embedding_')[0]!r} is an "
-                               "embedding target, not supported yet")
+        if ".base_layer." in k:  # peft saves the base weights of embedding / LM-head targets
+            continue
         m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", k)
         if m is None:
             if ".lora_magnitude_vector" in k:

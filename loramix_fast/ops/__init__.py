@@ -1,6 +1,5 @@
-"""Functional ops: validate, pick a backend, registered as ``torch.library`` custom ops."""
+"""Functional ops: validate, pick a backend (Triton / C++ / reference), registered as
+``torch.library`` custom ops with fake implementations."""
+from .mix_logits import mix_logits, mix_logits_greedy, mix_logits_sample  # noqa: F401
 from .multi_lora import multi_lora_expand, multi_lora_linear  # noqa: F401
-try:  # landing separately
-    from .spectr import spectr_topk  # noqa: F401
-except ImportError:  # pragma: no cover
-    from ..reference import spectr_topk  # noqa: F401
+from .spectr import spectr_topk  # noqa: F401
