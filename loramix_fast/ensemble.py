@@ -24,7 +24,7 @@ from . import reference
 from .adapters import BASE
 from .patching import _state, is_patched, use_adapters
 
-try:  # the fused op; the pure-torch reference until it lands
+try:  # the fused ops; the pure-torch reference where the module is absent
     from .ops.mix_logits import mix_logits as _mix_op
     from .ops.mix_logits import mix_logits_greedy as _mix_greedy_op
     from .ops.mix_logits import mix_logits_sample as _mix_sample_op
@@ -33,13 +33,14 @@ except ModuleNotFoundError as e:  # only the module missing; a bug inside it sti
         raise
     _mix_op = _mix_greedy_op = _mix_sample_op = None
 
-try:
+__all__ = ["ensemble_generate", "mix_next_token"]
+
+try:  # weight helpers (ELREA eqs. 9-10, PELMo's top-k), re-exported here
     from .ensemble_weights import elrea_weights, topk_renormalize  # noqa: F401
+    __all__ += ["elrea_weights", "topk_renormalize"]
 except ModuleNotFoundError as e:
     if e.name != f"{__package__}.ensemble_weights":
         raise
-
-__all__ = ["ensemble_generate", "mix_next_token"]
 
 
 # ---- choosing the next token -----------------------------------------------------------------
@@ -211,8 +212,8 @@ def ensemble_generate(
             from the mixture, reproducible from ``generator`` (or the global seed when None).
         eos_token_id: int or list of ints; None takes ``model.generation_config.eos_token_id``
             (like ``generate``).
-        expert_prompts: None, or E token-id sequences (1-D tensor / list; None or [] for no
-            prefix): expert e sees ``expert_prompts[e] + prompt_b`` (PELMo's prompt experts).
+        expert_prompts: None, or E token-id sequences (1-D tensors / lists, None or [] for no
+            prefix; or an [E, Lp] tensor): expert e sees ``expert_prompts[e] + prompt_b`` (PELMo's prompt experts).
             Copies of unequal length are left-padded.
         pad_token_id: fills positions after EOS; None takes the generation config's, else the
             first EOS id, else 0.
@@ -248,6 +249,8 @@ def ensemble_generate(
         raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got "
                          f"{tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if isinstance(expert_prompts, torch.Tensor) and expert_prompts.dim() == 2:
+        expert_prompts = list(expert_prompts)  # [E, Lp]: one row per expert
     if expert_prompts is not None:
         if isinstance(expert_prompts, (str, torch.Tensor)) or len(expert_prompts) != E:
             raise ValueError(f"expert_prompts must be a list of {E} token-id sequences (one per "

@@ -379,3 +379,26 @@ def test_absolute_positions_padding_and_prefixes(gpt2_setup):
     out = ensemble_generate(model, ids, experts=["g"], weights=[1.0], mode="logits",
                             max_new_tokens=8, attention_mask=mask, pad_token_id=0)
     assert torch.equal(out, gen)
+
+
+def test_weight_helpers_end_to_end(setup):
+    """ELREA weights (base in column 0) in logits mode; PELMo's top-k routing in probs mode: a
+    dropped expert (weight 0) is the same as leaving it out."""
+    ens = pytest.importorskip("loramix_fast.ensemble_weights")
+    from loramix_fast.ensemble import elrea_weights, topk_renormalize
+    assert elrea_weights is ens.elrea_weights and topk_renormalize is ens.topk_renormalize
+    model, oracle, _ = setup
+    ids, mask, rows = _prompts(2, seed=31)
+    cos = torch.tensor([[0.9, 0.2], [0.1, 0.5]])
+    experts = ["__base__", "a", "b"]
+    out = ensemble_generate(model, ids, experts=experts, weights=lambda i, m: elrea_weights(cos),
+                            mode="logits", max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    ref = _oracle_generate(oracle, rows, experts, elrea_weights(cos), "logits", 6)
+    _assert_matches_oracle(out[:, ids.shape[1]:], ref)
+    probs = torch.tensor([0.5, 0.1, 0.4])  # top-2 drops "b"
+    experts = ["a", "b", "c"]
+    kw = dict(mode="probs", max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    routed = ensemble_generate(model, ids, experts=experts, weights=topk_renormalize(probs, 2),
+                               **kw)
+    kept = ensemble_generate(model, ids, experts=["a", "c"], weights=[0.5, 0.4], **kw)
+    assert torch.equal(routed, kept)
