@@ -5,7 +5,7 @@
 //   score="first": s[m, t] = |h[m, t, 0]| * score_scale[t]
 //   idx[m] = the k highest s[m, t] over experts with rank[t] > 0, descending, ties to the lowest t;
 //   slots without a (finite-scored) expert get idx -1 and weight 0;
-//   weighting="uniform": w = 1/k' over the k' valid slots; "softmax": softmax(s / temperature) over them.
+//   weighting="uniform": w = 1/k on each valid slot (fewer than k valid: they still get 1/k); "softmax": softmax(s / temperature) over them.
 // Shapes (M = rows, T = experts, R = max rank): h [M, T, R] with any strides (fp32/fp16/bf16/fp64),
 //   rank [T] int or None, score_scale [T] float or None.
 // Returns (idx [M, k] int32, w [M, k] float32, scores [M, T] float32). Math in fp32.
@@ -109,7 +109,7 @@ void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t 
       for (int64_t j = 0; j < k; ++j) {
         if (j < n && std::isfinite(topv[j])) {
           irow[j] = topi[j];
-          wrow[j] = softmax ? std::exp((topv[j] - vmax) * inv_temp) / denom : 1.f / static_cast<float>(cnt);
+          wrow[j] = softmax ? std::exp((topv[j] - vmax) * inv_temp) / denom : 1.f / static_cast<float>(k);
         } else {
           irow[j] = -1;
           wrow[j] = 0.f;

@@ -5,7 +5,7 @@ Math (``loramix_fast.reference.spectr_topk`` is the spec):
     score="first": s[m, t] = |h[m, t, 0]| * score_scale[t]       (Arrow)
     idx[m] = top-k_t s[m, t] over experts with rank[t] > 0, descending, ties to the lowest t;
     slots without a finite-scored expert: idx -1, weight 0;
-    w = 1/k' over the k' valid slots ("uniform") or softmax(s / temperature) over them ("softmax").
+    w = 1/k on each valid slot ("uniform"; an expert that does not target the module is a zero expert) or softmax(s / temperature) over them ("softmax").
 Legend: M = rows, T = experts, R = max rank, K = slots (k).
 
 One program per BLOCK_M rows: it loads h for all T experts of its rows (T padded to BLOCK_T, R in
@@ -87,8 +87,7 @@ def _spectr_topk_kernel(
         den = tl.sum(e, axis=1)
         wt = e / tl.where(den > 0, den, 1.0)[:, None]
     else:
-        cnt = tl.sum(ok.to(tl.float32), axis=1)
-        wt = tl.where(ok, 1.0 / tl.maximum(cnt, 1.0)[:, None], 0.0)
+        wt = tl.where(ok, 1.0 / K, 0.0)  # 1/k per selected expert (eq. 9; non-targeting = 0)
     out_i = tl.where(ok, sel_i, -1)
     k_mask = m_mask[:, None] & (offs_k[None, :] < KK)
     out_off = offs_m[:, None] * K + offs_k[None, :]

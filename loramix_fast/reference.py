@@ -171,8 +171,9 @@ def spectr_topk(
         experts with rank[t] == 0 (module not targeted) are never selected unless fewer than k
         experts remain, in which case the leftover slots get idx -1 and weight 0.
         idx[m] = the k highest scores, descending, ties to the lowest expert index;
-        weighting="uniform": w = 1/k' over the k' valid slots; "softmax": softmax(s / temperature)
-        over the selected valid slots.
+        weighting="uniform": w = 1/k on each valid slot (eq. 9; when fewer than k experts target
+        the module, the missing ones are zero experts and the weights sum to k'/k);
+        "softmax": softmax(s / temperature) over the selected valid slots.
     Shapes: h [M, T, R]; rank [T] int or None (all R); score_scale [T] or None.
     Returns (idx [M, k] int32, w [M, k] float32, scores [M, T] float32).
     """
@@ -201,8 +202,7 @@ def spectr_topk(
     top_s = torch.gather(s_masked, 1, order)
     ok = torch.isfinite(top_s)
     if weighting == "uniform":
-        cnt = ok.sum(1, keepdim=True).clamp(min=1).to(acc)
-        wt = ok.to(acc) / cnt
+        wt = ok.to(acc) / k
     else:
         z = torch.where(ok, top_s / temperature, neg)
         wt = torch.softmax(z, dim=1)

@@ -76,7 +76,7 @@ def spectr_topk(h: torch.Tensor, k: int, *, rank: torch.Tensor | None = None, sc
         idx[m] = the k highest s[m, t] over experts with rank[t] > 0, descending, ties to the lowest
         expert index (deterministic); slots left over (k > number of such experts, or a non-finite
         score) get idx -1 and weight 0.
-        weighting="uniform": w = 1/k' over the k' valid slots;
+        weighting="uniform": w = 1/k on each valid slot (eq. 9: a non-targeting expert is a zero expert);
         weighting="softmax": w = softmax(s / temperature) over the selected valid slots.
     Shapes (M = rows, T = experts, R = max rank):
         h [M, T, R] fp32/fp16/bf16 (fp64 on CPU), any strides -- typically a column slice
