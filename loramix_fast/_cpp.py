@@ -25,7 +25,7 @@ _lock = threading.Lock()
 _loaded: bool | None = None
 _error: BaseException | None = None
 
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno",
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno",
            "-Wno-unused-parameter", "-Wno-sign-compare"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -49,12 +49,40 @@ def _digest(sources: list[Path]) -> str:
     import torch
 
     h.update(torch.__version__.encode())
+    h.update(_cpu_flags().encode())  # -march=native: a build dir shared by other CPUs rebuilds
     for f in _CFLAGS + _LDFLAGS:
         h.update(f.encode() + b"\0")
     for p in sorted(csrc_dir().glob("*.h")) + sources:
         h.update(p.name.encode() + b"\0")
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
+def _prune(root: Path, keep: str, max_age_s: float = 7 * 86400) -> None:
+    """Remove stale builds of older sources (a library another process has loaded stays mapped)."""
+    import shutil
+    import time
+
+    try:
+        for d in root.glob("loramix_cpp_*"):
+            if d.name != keep and d.is_dir() and time.time() - d.stat().st_mtime > max_age_s \
+                    and not (d / "lock").exists():
+                shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def build_dir() -> Path | None:
@@ -90,8 +118,10 @@ def _build_and_load() -> None:
     cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
                        extra_ldflags=_LDFLAGS, extra_include_paths=[str(csrc_dir())],
                        is_python_module=False, verbose=False, **kwargs)
-    if not hasattr(torch.ops, "loramix_cpp"):
-        raise RuntimeError("the C++ extension loaded but registered no loramix_cpp ops")
+    if d is not None:
+        _prune(d.parent, keep=name)
+    if (csrc_dir() / "multi_lora.cpp").exists():
+        torch.ops.loramix_cpp.multi_lora_linear  # noqa: B018 - raises if registration failed
 
 
 def load() -> bool:
