@@ -1,0 +1,42 @@
+"""Shared benchmark plumbing: side-by-side timing and the machine description."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None) -> dict:
+    """fns: name -> list of zero-arg callables (rotated inputs), timed round-robin so every
+    provider sees the same machine state; returns name -> median seconds after warm-up."""
+    times = {k: [] for k in fns}
+    for it in range(warmup + reps):
+        for k, calls in fns.items():
+            f = calls[it % len(calls)] if isinstance(calls, (list, tuple)) else calls
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            dt = time.perf_counter() - t0
+            if it >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine(device: str = "cpu") -> str:
+    """One line: CPU (or GPU) model, core count, torch version and threads."""
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), python {platform.python_version()}")
