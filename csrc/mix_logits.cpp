@@ -40,6 +40,7 @@ namespace {
 
 constexpr int kW = 16;       // lanes per vector
 constexpr int64_t kBlk = 1024;  // tokens per block (a multiple of kW); slices are whole blocks
+constexpr int64_t kPf = 1024;     // software prefetch distance (tokens) of streaming reads
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 typedef float vf __attribute__((vector_size(64)));
@@ -169,7 +170,10 @@ static inline __attribute__((always_inline)) vf mixed(const T* zb, int64_t se, c
     return dead ? splat(-kInf) : Mc + vlog(S);  // S in [1, nact] where M is finite
   }
   vf acc = vf{};
-  for (int i = 0; i < nact; ++i) acc += load(zb + act[i] * se + v, n, 0.f) * k[i];
+  for (int i = 0; i < nact; ++i) {
+    __builtin_prefetch(zb + act[i] * se + v + kPf, 0, 0);
+    acc += load(zb + act[i] * se + v, n, 0.f) * k[i];
+  }
   return acc;
 }
 
@@ -215,11 +219,10 @@ void run(const T* z, const Args& a) {
     std::vector<double> m(E), s(E);
     // exp cache of phase 1: p[i][v] = exp(z[e_i, v] - bmax[i][block]) over this slice; with it phase
     // 2 is E FMAs and one log per token instead of E exps. ~1 MiB per thread at E = 4, V = 128256.
-    std::vector<float> cache, bmax, bsm;
+    std::vector<float> cache, bmax;
     if (a.probs && E > 1) {
       cache.resize((size_t)E * nb * kBlk);
       bmax.resize((size_t)E * nb);
-      bsm.resize((size_t)E * nb);
     }
     const vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -238,12 +241,13 @@ void run(const T* z, const Args& a) {
       const bool cached = a.probs && nact > 1;
 
       if (a.probs && nact > 0) {
-        // ---- phase 1: per block and expert, block max (from L1) then one exp per logit
-        for (int i = 0; i < nact; ++i) { m[i] = -INFINITY; s[i] = 0.0; }
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
-          for (int i = 0; i < nact; ++i) {
-            const T* p = zb + act[i] * a.se;
+        // ---- phase 1: per expert, a sequential stream of blocks: block max (the DRAM read),
+        // then one exp per logit from L1 while the next block is prefetched
+        for (int i = 0; i < nact; ++i) {
+          const T* p = zb + act[i] * a.se;
+          double mi = -INFINITY, si = 0.0;
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
             vf mx = splat(-kInf);
             for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
             const float bm = hmax(mx);
@@ -254,18 +258,23 @@ void run(const T* z, const Args& a) {
             if (cached) {
               float* c = cache.data() + ((size_t)i * nb + (blk - b0)) * kBlk - v0;
               for (int64_t v = v0; v < v1; v += kW) {
+                __builtin_prefetch(p + v + kBlk, 0, 0);
                 vf e = vexp(load(p + v, v1 - v, -kInf) - bmv);
                 acc += e;
                 std::memcpy(c + v, &e, sizeof(e));
               }
             } else {
-              for (int64_t v = v0; v < v1; v += kW) acc += vexp(load(p + v, v1 - v, -kInf) - bmv);
+              for (int64_t v = v0; v < v1; v += kW) {
+                __builtin_prefetch(p + v + kBlk, 0, 0);
+                acc += vexp(load(p + v, v1 - v, -kInf) - bmv);
+              }
             }
             const double bs = hsum(acc);
-            if (cached) bsm[(size_t)i * nb + (blk - b0)] = (float)bs;
-            if (bm > m[i]) { s[i] *= std::exp(m[i] - (double)bm); m[i] = bm; }
-            s[i] += bs * std::exp((double)bm - m[i]);
+            if (bm > mi) { si *= std::exp(mi - (double)bm); mi = bm; }
+            si += bs * std::exp((double)bm - mi);
           }
+          m[i] = mi;
+          s[i] = si;
         }
         double* pp = part.data() + ((size_t)par * nt_req + t) * E * 2;
         for (int i = 0; i < nact; ++i) { pp[2 * i] = m[i]; pp[2 * i + 1] = s[i]; }
@@ -327,18 +336,30 @@ void run(const T* z, const Args& a) {
         }
       };
 
-      // ---- phase 2: mixed scores over this slice, blocks in reverse order (the newest in cache)
+      // ---- phase 2: mixed scores over this slice; after phase 1, blocks in reverse order (the
+      // newest in cache); otherwise forward (what the hardware prefetcher follows)
+      const bool rev = a.probs && nact > 0;
       if (a.task == kScores) {
         float* ob = a.out + b * V;
-        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+        // a large output goes around the caches (no read-for-ownership): 64-byte aligned rows only
+        const bool nt_store = B * V >= (int64_t{1} << 19) && (reinterpret_cast<uintptr_t>(ob) & 63) == 0;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t blk = rev ? b1 - 1 - j : b0 + j;
           block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
-          for (int64_t v = v0; v < v1; v += kW) store(ob + v, scores(blk, v, v1 - v), v1 - v);
+          for (int64_t v = v0; v < v1; v += kW) {
+            const vf x = scores(blk, v, v1 - v);
+#if defined(__AVX512F__)
+            if (nt_store && v1 - v >= kW) { _mm512_stream_ps(ob + v, (__m512)x); continue; }
+#endif
+            store(ob + v, x, v1 - v);
+          }
         }
       } else if (a.task == kGreedy) {
         vf bv = splat(-kInf);
         vi bi = splati(INT_MAX);
-        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t blk = rev ? b1 - 1 - j : b0 + j;
           block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
           for (int64_t v = v0; v < v1; v += kW) {
@@ -359,7 +380,8 @@ void run(const T* z, const Args& a) {
       } else {  // kSample
         float* sc = scratch.data() + (size_t)par * Vpad;
         vf mx = splat(-kInf);
-        for (int64_t blk = b1 - 1; blk >= b0; --blk) {
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t blk = rev ? b1 - 1 - j : b0 + j;
           block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
           for (int64_t v = v0; v < v0 + kBlk; v += kW) {
@@ -421,6 +443,9 @@ void run(const T* z, const Args& a) {
         }
       }
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // this thread's streaming stores are visible before the region ends
+#endif
   }
 
   if (a.task == kGreedy) {
