@@ -34,6 +34,8 @@ class MultiLoRALinear(nn.Module):
         self.lmf_name = name
         self.lmf_kind = kind
         object.__setattr__(self, "_lmf_state", state)  # shared, not a submodule
+        self._lmf_cache = None  # (library version, weight dtype, device, stack)
+        self.__dict__["_lmf_base"] = base_layer  # plain attribute: skips nn.Module.__getattr__
 
     @property
     def in_features(self) -> int:
@@ -59,9 +61,17 @@ class MultiLoRALinear(nn.Module):
         return f"name={self.lmf_name!r}, kind={self.lmf_kind}"
 
     def stack(self, dtype=None):
-        """This module's adapter stack (None if no adapter targets it)."""
-        w = self.base_layer.weight
-        return self._lmf_state.lib.stack(self.lmf_name, dtype or w.dtype, w.device)
+        """This module's adapter stack (None if no adapter targets it), in the weight's dtype
+        unless ``dtype`` is given; cached until the library changes."""
+        w = self._lmf_base.weight
+        lib = self._lmf_state.lib
+        if dtype is not None and dtype != w.dtype:
+            return lib.stack(self.lmf_name, dtype, w.device)
+        c = self._lmf_cache
+        if c is None or c[0] != lib.version or c[1] != w.dtype or c[2] != w.device:
+            c = (lib.version, w.dtype, w.device, lib.stack(self.lmf_name, w.dtype, w.device))
+            self._lmf_cache = c
+        return c[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._lmf_state
@@ -84,9 +94,10 @@ class MultiLoRALinear(nn.Module):
         if idx.shape[0] != x2.shape[0]:
             raise ValueError(f"{self.lmf_name}: the adapter selection covers {idx.shape[0]} tokens "
                              f"but this layer got {x2.shape[0]} (input shape {tuple(x.shape)})")
-        w = self.weight
+        base = self._lmf_base
+        w = base.weight if self.lmf_kind == "linear" else base.weight.t()
         if x2.dtype != w.dtype:
             x2 = x2.to(w.dtype)
         y = ops.multi_lora_linear(x2, w, stack.A, stack.B, stack.scale, stack.rank, idx, None,
-                                  self.base_layer.bias, validate=False)
+                                  base.bias, validate=False)
         return y.view(*x.shape[:-1], y.shape[-1])

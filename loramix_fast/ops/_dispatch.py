@@ -47,8 +47,24 @@ def forced_backend() -> str | None:
     return b
 
 
+_picked: dict = {}
+
+
 def pick_backend(t: torch.Tensor, op: str | None = None) -> str:
-    """The backend that runs op ``op`` (its C++ name) whose main input is ``t``."""
+    """The backend that runs op ``op`` (its C++ name) whose main input is ``t``.
+
+    Memoised per (LORAMIX_BACKEND, LORAMIX_NO_CPP, device type, op): it is on every layer's hot
+    path."""
+    env = os.environ
+    key = (env.get("LORAMIX_BACKEND"), env.get("LORAMIX_NO_CPP"), t.device.type, op)
+    b = _picked.get(key)
+    if b is None:
+        b = _pick_backend(t, op)
+        _picked[key] = b
+    return b
+
+
+def _pick_backend(t: torch.Tensor, op: str | None) -> str:
     forced = forced_backend()
     if forced == "triton":
         if not triton_available():
