@@ -63,8 +63,24 @@ static inline __attribute__((always_inline)) float hsum(vf a) {
   return s;
 }
 
-// exp(x); results below FLT_MIN (x < -87.3, -inf included) flush to 0; x must be <= 88.
+// exp(x) for x <= 88; tiny results flush to 0 (denormal with AVX-512), -inf gives 0.
 static inline __attribute__((always_inline)) vf vexp(vf x) {
+#if defined(__AVX512F__)
+  // AVX-512: round with vrndscaleps, scale by 2^n with vscalefps (0 below the range, -inf -> 0)
+  const __m512 xm = _mm512_max_ps((__m512)x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xm, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf r = (vf)xm - (vf)n * 0.693359375f + (vf)n * 2.12194440e-4f;
+  const vf z = r * r;
+  vf y = splat(1.9875691500E-4f);
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * z + r + 1.0f;
+  return (vf)_mm512_scalef_ps((__m512)y, n);
+#else
   const vf lo = splat(-87.33654f);
   vi under = x < lo;
   x = vmax(x, lo);
@@ -81,6 +97,7 @@ static inline __attribute__((always_inline)) vf vexp(vf x) {
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf res = y * (vf)bits;
   return under ? splat(0.f) : res;
+#endif
 }
 
 // log(x) for positive normal x.
