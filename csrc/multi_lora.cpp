@@ -33,6 +33,10 @@ namespace {
 
 constexpr int64_t kBlock = 4;        // rows of one adapter sharing one pass over A / B (small path)
 constexpr int64_t kGemmRows = 64;    // rows per GEMM call (large path)
+// Least multiply-adds worth a thread: below it one core does the delta (decode with a few rows
+// moves < 1 MB of adapters; a fork/join costs microseconds when idle and a scheduler slice when the
+// machine is oversubscribed).
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
 
 // Groups with at least this many rows take the GEMM path. Tuned on a 2-core AVX-512 EPYC
 // (bench/bench_multi_lora_op.py); LORAMIX_CPP_LARGE_GROUP overrides it (read once).
@@ -242,7 +246,7 @@ void shrink_small(const Plan<O>& pl, const T* x, int64_t sx, const T* A, int64_t
   std::vector<int64_t> start(bl.size() + 1, 0);  // work items: (block, r)
   for (size_t b = 0; b < bl.size(); ++b) start[b + 1] = start[b] + pl.grank[bl[b].g];
   const int64_t total = start.back();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, K));
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, K));
   at::parallel_for(0, total, grain, [&](int64_t i0, int64_t i1) {
     size_t b = std::upper_bound(start.begin(), start.end(), i0) - start.begin() - 1;
     for (int64_t i = i0; i < i1; ++b) {
@@ -311,7 +315,7 @@ void expand_all(const Plan<O>& pl, const at::Tensor& B, const at::Tensor& hc_t, 
   int64_t work_per_n = 0;  // multiply-adds per output column
   for (const auto& blk : pl.blocks) work_per_n += blk.nb * pl.grank[blk.g];
   for (int64_t g : pl.large) work_per_n += (pl.gbeg[g + 1] - pl.gbeg[g]) * pl.grank[g];
-  int64_t grain = std::max<int64_t>(16, (int64_t{1} << 14) / std::max<int64_t>(1, work_per_n));
+  int64_t grain = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(1, work_per_n));
   if (!pl.large.empty()) grain = std::max<int64_t>(grain, 128);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     const int64_t nn = n1 - n0;
