@@ -232,7 +232,7 @@ void run(const T* z, const Args& a) {
     const int64_t b0 = nblk * gt / gsz, b1 = nblk * (gt + 1) / gsz;  // this thread's blocks
     const int64_t nb = b1 - b0, base = b0 * kBlk;
     std::vector<int> act(E);
-    std::vector<float> k(E), cf(E), mz(E, 0.f);
+    std::vector<float> k(E), cf(E), mz(E, 0.f), lbuf(kBlk);
     std::vector<double> m(E), s(E);
     // exp cache of phase 1: p[i][v] = exp(z[e_i, v] - bmax[i][block]) over this slice; with it phase
     // 2 is E FMAs and one log per token instead of E exps. ~1 MiB per thread at E = 4, V = 128256.
@@ -327,10 +327,13 @@ void run(const T* z, const Args& a) {
         nact = keep;
       }
       const bool use_cache = cached && nact > 1;
+      // "logits": the block's weighted sum, expert by expert (sequential streams, L1 accumulator)
+      const bool lsum = !a.probs && nact > 0;
       const vf thr = splat(1e-20f * wsum);
 
       // mixed scores at tokens [v, v + n) of this slice's block blk
       auto scores = [&](int64_t blk, int64_t v, int64_t n) __attribute__((always_inline)) -> vf {
+        if (lsum) { vf x; std::memcpy(&x, lbuf.data() + (v - blk * kBlk), sizeof(x)); return x; }
         if (!use_cache) return mixed(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
         vf S = vf{};
         const float* c = cache.data() + (size_t)(blk - b0) * kBlk + (v - blk * kBlk);
@@ -346,6 +349,21 @@ void run(const T* z, const Args& a) {
         return vlog(S);
       };
       auto block_coefs = [&](int64_t blk) {
+        if (lsum) {
+          const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
+          float* acc = lbuf.data();
+          for (int i = 0; i < nact; ++i) {
+            const T* p = zb + act[i] * a.se;
+            const vf wi = splat(k[i]);
+            for (int64_t v = v0; v < v1; v += kW) {
+              __builtin_prefetch(p + v + kPf, 0, 0);
+              vf x = load(p + v, v1 - v, 0.f) * wi;
+              if (i > 0) { vf y; std::memcpy(&y, acc + (v - v0), sizeof(y)); x += y; }
+              std::memcpy(acc + (v - v0), &x, sizeof(x));
+            }
+          }
+          return;
+        }
         if (!use_cache) return;
         for (int i = 0; i < nact; ++i) {
           const float bm = bmax[(size_t)i * nb + (blk - b0)];
