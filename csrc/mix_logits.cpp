@@ -258,37 +258,48 @@ void run(const T* z, const Args& a) {
       const bool cached = a.probs && nact > 1;
 
       if (a.probs && nact > 0) {
-        // ---- phase 1: per expert, a sequential stream of blocks: block max (the DRAM read),
-        // then one exp per logit from L1 while the next block is prefetched
+        // ---- phase 1: per expert, a sequential stream of blocks; one pass per block: exps
+        // relative to the running max `off` (exp(x - off) <= e^64 cannot overflow; a block that
+        // jumps higher is redone), the block max alongside; the next block is prefetched
         for (int i = 0; i < nact; ++i) {
           const T* p = zb + act[i] * a.se;
           double mi = -INFINITY, si = 0.0;
+          float off = -kInf;
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
-            vf mx = splat(-kInf);
-            for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
-            const float bm = hmax(mx);
-            if (cached) bmax[(size_t)i * nb + (blk - b0)] = bm;
-            if (!(bm > -kInf)) continue;
-            const vf bmv = splat(bm);
-            vf acc = vf{};
-            if (cached) {
-              float* c = cache.data() + ((size_t)i * nb + (blk - b0)) * kBlk - v0;
-              for (int64_t v = v0; v < v1; v += kW) {
-                __builtin_prefetch(p + v + kBlk, 0, 0);
-                vf e = vexp(load(p + v, v1 - v, -kInf) - bmv);
-                acc += e;
-                std::memcpy(c + v, &e, sizeof(e));
-              }
-            } else {
-              for (int64_t v = v0; v < v1; v += kW) {
-                __builtin_prefetch(p + v + kBlk, 0, 0);
-                acc += vexp(load(p + v, v1 - v, -kInf) - bmv);
+            if (!(off > -kInf)) {  // no finite logit yet: this block's max is the offset
+              vf mx = splat(-kInf);
+              for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
+              off = hmax(mx);
+              if (!(off > -kInf)) {
+                if (cached) bmax[(size_t)i * nb + (blk - b0)] = -kInf;
+                continue;
               }
             }
+            float* c = cached ? cache.data() + ((size_t)i * nb + (blk - b0)) * kBlk - v0 : nullptr;
+            float bm;
+            vf acc;
+            for (int pass = 0; pass < 2; ++pass) {
+              const vf offv = splat(off);
+              vf mx = splat(-kInf);
+              acc = vf{};
+              for (int64_t v = v0; v < v1; v += kW) {
+                __builtin_prefetch(p + v + kBlk, 0, 0);
+                const vf x = load(p + v, v1 - v, -kInf);
+                mx = vmax(mx, x);
+                const vf e = vexp(x - offv);
+                acc += e;
+                if (cached) std::memcpy(c + v, &e, sizeof(e));
+              }
+              bm = hmax(mx);
+              if (!(bm > off + 64.f)) break;
+              off = bm;  // rare: the block jumps far above the running max; redo it
+            }
+            if (cached) bmax[(size_t)i * nb + (blk - b0)] = off;
             const double bs = hsum(acc);
-            if (bm > mi) { si *= std::exp(mi - (double)bm); mi = bm; }
-            si += bs * std::exp((double)bm - mi);
+            if (off > mi) { si *= std::exp(mi - (double)off); mi = off; }
+            si += bs * std::exp((double)off - mi);
+            if (bm > off) off = bm;
           }
           m[i] = mi;
           s[i] = si;

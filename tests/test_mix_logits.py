@@ -99,6 +99,7 @@ def test_special_values(backend, case, V):
     z[1, 2] = NEG                            # an expert that is -inf everywhere
     z[2, 0, 5:9] = big                       # huge logits: overflow without a max
     z[2, 3, 100] = -big
+    z[5, 0, V - 3] = 300.0                   # a late block far above the running max
     w[3] = 0.0                               # a row with all weights zero
     w[4, 1] = 0.0                            # a masked expert whose logits are garbage
     z[4, 1] = float("nan")
