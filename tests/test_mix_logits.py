@@ -195,8 +195,9 @@ def _cdf_ok(tok, ref_scores, u, temperature, rtol=1e-5):
 
 @pytest.mark.parametrize("mode", ["probs", "logits"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sample_matches_inverse_cdf(backend, mode, temperature):
-    B, E, V = 8, 3, 32001
+@pytest.mark.parametrize("B", [2, 8])  # 2: rows split across threads; 8: whole rows per thread
+def test_sample_matches_inverse_cdf(backend, mode, temperature, B):
+    E, V = 3, 32001
     z, w = _rand(B, E, V, torch.float32, seed=11, scale=4.0)
     u = torch.rand(B, generator=torch.Generator().manual_seed(5))
     tok = mix_logits_sample(z, w, mode, temperature=temperature, uniforms=u)
