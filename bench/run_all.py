@@ -1,0 +1,72 @@
+"""Run every benchmark and write bench/RESULTS.md (``make bench``; ``--quick`` for a short run).
+
+    python -m bench.run_all [--quick] [--only model,op,...] [--out bench/RESULTS.md]
+
+Each section is produced by its module's ``run(quick) -> list[dict]`` and ``format_table(rows)``;
+numbers are medians of side-by-side runs after warm-up, on the machine named in the header.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine  # noqa: E402
+
+SECTIONS = {  # key: (module, title)
+    "op": ("bench.bench_multi_lora_op", "Multi-LoRA linear, op level (d=2048, r=16, 32 adapters)"),
+    "model": ("bench.bench_model", "Multi-tenant model, decode and prefill (Llama hidden 1024)"),
+    "routing": ("bench.bench_routing_layer", "Routed layer: SpectR/Arrow (d=2048, T=32, r=8, k=4)"),
+    "spectr_op": ("bench.bench_spectr_op", "spectr_topk scoring op"),
+    "study": ("bench.routing_study", "Synthetic routing accuracy: SpectR vs Arrow"),
+    "mix": ("bench.bench_mix_logits", "mix_logits (B=16, E=4, V=128256)"),
+    "ensemble": ("bench.bench_ensemble", "ensemble_generate (4 experts x 4 sequences)"),
+}
+
+
+def _table(mod, rows):
+    for name in ("format_table", "_table"):
+        f = getattr(mod, name, None)
+        if f is not None:
+            return f(rows)
+    return "\n".join(str(r) for r in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    keys = [k for k in a.only.split(",") if k] or list(SECTIONS)
+    parts = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: "
+             f"{datetime.date.today()}; mode: {'quick' if a.quick else 'full'}; fp32 unless noted. "
+             "Medians of side-by-side runs after warm-up; ratios are the numbers to compare (this "
+             "machine is shared and noisy).\n"]
+    for k in keys:
+        modname, title = SECTIONS[k]
+        t0 = time.perf_counter()
+        mod = importlib.import_module(modname)
+        rows = mod.run(a.quick)
+        table = _table(mod, rows)
+        print(f"== {title} ({time.perf_counter() - t0:.0f}s)\n{table}\n", flush=True)
+        parts.append(f"## {title}\n\n```\n{table}\n```\n")
+    if a.only and Path(a.out).exists():
+        print(f"(--only given: not overwriting {a.out}; tables printed above)")
+        return 0
+    Path(a.out).write_text("\n".join(parts))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
