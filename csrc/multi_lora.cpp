@@ -11,11 +11,13 @@
 //   2. shrink  hc[p, :rank] = c[p] * A[e, :rank] @ x[m]                      # [P, R], fp32
 //        small groups: AVX-512 dots, parallel over (block of <= 4 rows of one adapter, r): each A row
 //                      is streamed once per block (decode: once), both cores stream A.
-//        large groups (>= large_group rows): gather the x ROWS, one GEMM per 64-row chunk.
+//        large groups (>= 256 rows): gather the x ROWS, one GEMM per 64-row chunk.
 //   3. expand  out[m, n] += B[e, n, :rank] . hc[p]                          parallel over N ranges
 //        small groups: per block of <= 4 rows, one pass over B[e, n0:n1, :rank] (AVX-512,
 //                      4 outputs per horizontal reduction);
 //        large groups: GEMM [rows, rank] x [rank, n1-n0] into a scratch, then scatter-add rows.
+//   S = 1 without large groups (decode serving): 2 and 3 fused per block in ONE parallel region over
+//   blocks (a block owns its rows: no barrier, h never leaves the thread).
 //   fp32/fp64 add into y in place; fp16/bf16 add into an fp32 copy of y and round once at the end.
 // multi_lora_expand (SpectR's second half) is step 3 alone, with hc from the given h [M, E, R].
 #include "common.h"
@@ -38,14 +40,13 @@ constexpr int64_t kGemmRows = 64;    // rows per GEMM call (large path)
 // machine is oversubscribed).
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
 
-// Groups with at least this many rows take the GEMM path. Tuned on a 2-core AVX-512 EPYC
-// (bench/bench_multi_lora_op.py); LORAMIX_CPP_LARGE_GROUP overrides it (read once).
+// Groups with at least this many rows take the GEMM path. On a 2-core AVX-512 EPYC (d = 2048,
+// r = 16) the per-row kernels tied or beat one MKL call per 64 rows even for a 1024-row group (the
+// small GEMMs have N = r and pay a call each), so only very popular adapters take it.
+// LORAMIX_CPP_LARGE_GROUP overrides it (read per call, for benchmarks and tests).
 int64_t large_group_rows() {
-  static const int64_t v = [] {
-    const char* s = std::getenv("LORAMIX_CPP_LARGE_GROUP");
-    return s && *s ? std::max<int64_t>(1, std::atoll(s)) : int64_t{24};
-  }();
-  return v;
+  const char* s = std::getenv("LORAMIX_CPP_LARGE_GROUP");
+  return s && *s ? std::max<int64_t>(1, std::atoll(s)) : int64_t{256};
 }
 
 // ---------------------------------------------------------------- plan (host, O(M*S + E)) --------
@@ -357,6 +358,52 @@ void expand_all(const Plan<O>& pl, const at::Tensor& B, const at::Tensor& hc_t, 
   });
 }
 
+// One row per pair (S = 1) and no large group: shrink and expand fused per block, one parallel
+// region over blocks and no barrier (each block owns its rows): h stays in a thread-local buffer.
+template <typename T, typename O>
+void fused_small(const Plan<O>& pl, const T* x, int64_t sx, const T* A, int64_t sAe, int64_t sAr,
+                 int64_t K, const T* B, int64_t sBe, int64_t sBn, O* out, int64_t ldo, int64_t N,
+                 int64_t R) {
+  const auto& bl = pl.blocks;
+  const int64_t nblk = static_cast<int64_t>(bl.size());
+  int64_t work = 0;
+  for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * (K + N);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<O> hbuf(kBlock * std::max<int64_t>(R, 16), O(0));
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto& blk = bl[b];
+      const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g], ld = std::max<int64_t>(R, 16);
+      const T* xs[kBlock];
+      const O* hs[kBlock];
+      O* ys[kBlock];
+      for (int64_t j = 0; j < blk.nb; ++j) {
+        xs[j] = x + pl.row[blk.p0 + j] * sx;
+        hs[j] = hbuf.data() + j * ld;
+        ys[j] = out + pl.row[blk.p0 + j] * ldo;
+      }
+      for (int64_t r = 0; r < rank; ++r) {
+        O h[kBlock];
+        const T* a = A + e * sAe + r * sAr;
+        switch (blk.nb) {
+          case 1: dot_rows<T, 1>(a, xs, K, h); break;
+          case 2: dot_rows<T, 2>(a, xs, K, h); break;
+          case 3: dot_rows<T, 3>(a, xs, K, h); break;
+          default: dot_rows<T, 4>(a, xs, K, h); break;
+        }
+        for (int64_t j = 0; j < blk.nb; ++j) hbuf[j * ld + r] = pl.coef[blk.p0 + j] * h[j];
+      }
+      const T* bp = B + e * sBe;
+      switch (blk.nb) {
+        case 1: expand_rows<T, O, 1>(bp, sBn, N, rank, hs, ys); break;
+        case 2: expand_rows<T, O, 2>(bp, sBn, N, rank, hs, ys); break;
+        case 3: expand_rows<T, O, 3>(bp, sBn, N, rank, hs, ys); break;
+        default: expand_rows<T, O, 4>(bp, sBn, N, rank, hs, ys); break;
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------- argument handling -------------
 struct Meta {
   at::Tensor idx, w, scale, rank;  // host copies: int64 / O / O / int64, contiguous
@@ -409,6 +456,13 @@ void linear_delta(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
   if (pl.P == 0) return;
   const at::ScalarType ot = acc_scalar_type<T>();
   at::Tensor out = y.scalar_type() == ot ? y : y.to(ot);  // fp16/bf16: fp32 copy, rounded once
+  if (pl.chunks.empty() && mt.idx.size(1) == 1) {
+    fused_small<T, O>(pl, x.data_ptr<T>(), x.stride(0), A.data_ptr<T>(), A.stride(0), A.stride(1),
+                      K, B.data_ptr<T>(), B.stride(0), B.stride(1), out.data_ptr<O>(),
+                      out.stride(0), out.size(1), R);
+    if (!out.is_same(y)) y.copy_(out);
+    return;
+  }
   at::Tensor hc = at::empty({pl.P, R}, y.options().dtype(ot));  // [P, R] c * A x
   shrink_small<T, O>(pl, x.data_ptr<T>(), x.stride(0), A.data_ptr<T>(), A.stride(0), A.stride(1),
                      K, hc.data_ptr<O>(), R);

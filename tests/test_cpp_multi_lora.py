@@ -3,8 +3,8 @@
 Runs the op directly (torch.ops.loramix_cpp.*) and through loramix_fast.ops with
 LORAMIX_BACKEND=cpp. Tolerance: at most 2x the error of plain torch at the same dtype (the
 reference without upcast, and the Python-loop formulation), plus one ulp of the output's scale.
-Covers both the per-row path (small adapter groups) and the grouped-GEMM path (groups of >= 24
-rows, the default of LORAMIX_CPP_LARGE_GROUP).
+Covers the fused per-row path (S = 1), the two-phase per-row path (S > 1), the grouped-GEMM path
+(groups of >= 256 rows by default) and, via LORAMIX_CPP_LARGE_GROUP, every case on each path.
 """
 from __future__ import annotations
 
@@ -175,6 +175,22 @@ def test_linear_matches_reference(c: Case, monkeypatch):
     monkeypatch.setenv("LORAMIX_BACKEND", "cpp")
     y_ops = ops.multi_lora_linear(x, weight, A_p, B_p, scale, rank, idx.long(), w, bias)
     assert torch.equal(y_ops, y)
+
+
+FORCED = [c for c in CASES if c.M >= 9 and c.E > 0 and c.none_frac < 1.0]
+
+
+@pytest.mark.parametrize("large_group", [1, 10 ** 9], ids=["all_gemm", "all_per_row"])
+@pytest.mark.parametrize("c", FORCED, ids=[c.name for c in FORCED])
+def test_linear_each_path(c: Case, large_group: int, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CPP_LARGE_GROUP", str(large_group))
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=11)
+    A_p, B_p = poison_padding(A, B, rank)
+    y = _cpp_ops().multi_lora_linear(x, weight, A_p, B_p, scale, rank, idx, w, bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    torch_outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias),
+                  reference.multi_lora_linear_loop(x, weight, A, B, scale, rank, idx, w, bias)]
+    _check(y, y_ref, torch_outs, c.dtype)
 
 
 def test_linear_rank64_int64_rank_and_fp16_scale():
