@@ -35,7 +35,11 @@ def _(x, weight, A, B, scale, rank, idx, w, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _validate(x, weight, A, B, scale, rank, idx, w, bias):
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _validate(x, weight, A, B, scale, rank, idx, w, bias, backend):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     M, K = x.shape
     dev = x.device
@@ -50,8 +54,10 @@ def _validate(x, weight, A, B, scale, rank, idx, w, bias):
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES, device=dev, shape=(M, idx.shape[1]),
                  optional=True)
     check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=dev, shape=(N,), optional=True)
-    if dev.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
-        # free on the host: no device sync. On GPUs the kernels treat such ids as "no adapter".
+    if (dev.type == "cpu" and backend != "cpp" and idx.numel()
+            and not torch.compiler.is_compiling()):
+        # free on the host: no device sync (the C++ kernel checks ids itself). On GPUs the
+        # kernels treat such ids as "no adapter".
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"idx holds adapter id {lo if lo < -1 else hi}, outside [-1, {E - 1}] "
@@ -76,17 +82,22 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B:
     Returns y [..., N] in x.dtype.
     Errors name the offending argument. On CPU an id outside [-1, E) raises; on GPU (where checking
     would cost a sync) kernels treat it as -1, so no id can read out of bounds.
+    Autograd: the kernels are inference-only; when grad mode is on and an input requires grad,
+    the differentiable pure-torch reference runs instead (wrap serving in ``torch.inference_mode``).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    backend = pick_backend(x2, "multi_lora_linear")
+    if _needs_grad(x2, weight, A, B, bias, w):
+        backend = "reference"
     if validate:
-        _validate(x2, weight, A, B, scale, rank, idx, w, bias)
+        _validate(x2, weight, A, B, scale, rank, idx, w, bias, backend)
     if idx.dtype != torch.int32:
         idx = idx.to(torch.int32)
     if torch.compiler.is_compiling():
         y = _multi_lora_linear_op(x2, weight, A, B, scale, rank, idx, w, bias)
     else:
-        y = _run(pick_backend(x2, "multi_lora_linear"), x2, weight, A, B, scale, rank, idx, w, bias)
+        y = _run(backend, x2, weight, A, B, scale, rank, idx, w, bias)
     return y.reshape(*lead, weight.shape[0]) if x.dim() != 2 else y
 
 
@@ -107,6 +118,8 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
     check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=y.device)
     check_tensor("w", w, ndim=2, shape=(M, idx.shape[1]), optional=True, device=y.device)
     backend = pick_backend(y, "multi_lora_expand")
+    if _needs_grad(y, h, B, w):
+        backend = "reference"
     if backend == "cpp":
         return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx.to(torch.int32), w)
     if backend == "triton":
