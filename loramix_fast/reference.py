@@ -26,6 +26,20 @@ def _acc_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
     return torch.float64 if upcast else torch.float32
 
 
+def _slot(idx, s, E, R, scale, rank, w, acc):
+    """Slot ``s`` of every row: clamped ids ec [M], coefficient w*scale (0 for no adapter) [M],
+    and the rank mask [M, R]."""
+    e = idx[:, s].long()
+    valid = (e >= 0) & (e < E)
+    ec = torch.where(valid, e, torch.zeros_like(e))
+    coef = scale.to(acc)[ec] * valid.to(acc)
+    if w is not None:
+        coef = coef * w[:, s].to(acc)
+    r_ar = torch.arange(R, device=idx.device)
+    rmask = (r_ar[None, :] < rank.to(idx.device)[ec][:, None]).to(acc)
+    return ec, coef, rmask
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -63,16 +77,9 @@ def multi_lora_linear(
         y = y + bias.to(acc)
     if M == 0 or E == 0 or idx.shape[1] == 0:
         return y.to(out_dtype)
-    r_ar = torch.arange(R, device=x.device)
     chunk = max(1, (1 << 22) // max(1, N * R))  # bound the [chunk, N, R] gather
     for s in range(idx.shape[1]):
-        e = idx[:, s].long()
-        valid = (e >= 0) & (e < E)
-        ec = torch.where(valid, e, torch.zeros_like(e))
-        coef = scale.to(acc)[ec] * valid.to(acc)
-        if w is not None:
-            coef = coef * w[:, s].to(acc)
-        rmask = (r_ar[None, :] < rank.to(x.device)[ec][:, None]).to(acc)  # [M, R]
+        ec, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)  # [M], [M], [M, R]
         for m0 in range(0, M, chunk):
             sl = slice(m0, m0 + chunk)
             Ae = A[ec[sl]].to(acc)  # [m, R, K]
@@ -137,16 +144,9 @@ def multi_lora_expand(
     M, N = y.shape
     E, R = B.shape[0], B.shape[2]
     out = y.to(acc).clone()
-    r_ar = torch.arange(R, device=y.device)
     rows = torch.arange(M, device=y.device)
     for s in range(idx.shape[1]):
-        e = idx[:, s].long()
-        valid = (e >= 0) & (e < E)
-        ec = torch.where(valid, e, torch.zeros_like(e))
-        coef = scale.to(acc)[ec] * valid.to(acc)
-        if w is not None:
-            coef = coef * w[:, s].to(acc)
-        rmask = (r_ar[None, :] < rank.to(y.device)[ec][:, None]).to(acc)
+        ec, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)
         he = h[rows, ec].to(acc) * rmask * coef[:, None]  # [M, R]
         out = out + torch.bmm(B[ec].to(acc), he[..., None])[..., 0]
     return out if upcast else out.to(y.dtype)
