@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import loramix_fast as lmf  # noqa: E402
+from bench.common import machine, time_side_by_side  # noqa: E402
 from loramix_fast import reference  # noqa: E402
 from loramix_fast.ensemble import _forward_kwargs, _returned_cache, ensemble_generate  # noqa: E402
 from loramix_fast.ensemble import mix_next_token  # noqa: E402
@@ -142,19 +140,6 @@ def generate_batched(model, ids, new, mixer, adapter_names=None):
     return torch.cat([ids, torch.stack(toks, 1)], 1)
 
 
-def _time_side_by_side(fns: dict, reps: int, warmup: int = 1, sync=lambda: None) -> dict:
-    times = {k: [] for k in fns}
-    for it in range(warmup + reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            if it >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(quick: bool = False, device: str | None = None, new: int | None = None,
         reps: int | None = None) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +171,7 @@ def run(quick: bool = False, device: str | None = None, new: int | None = None,
         if agree < 1.0:
             print(f"[warning: {k} agrees with ours on {agree:.0%} of tokens]", file=sys.stderr)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    t = _time_side_by_side(fns, reps, sync=sync)
+    t = time_side_by_side(fns, reps, warmup=1, sync=sync)
     rows = []
     for k, s in t.items():
         rows.append(dict(provider=k, s=s, tokens_per_s=B * new / s, x_loop=t["loop"] / s,
@@ -194,21 +179,6 @@ def run(quick: bool = False, device: str | None = None, new: int | None = None,
                          hidden=HIDDEN, layers=LAYERS, rank=RANK, mode=MODE, device=device,
                          dtype=str(dtype).split(".")[-1], threads=torch.get_num_threads()))
     return rows
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
 def format_table(rows: list[dict]) -> str:

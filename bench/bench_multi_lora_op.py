@@ -19,17 +19,14 @@ percentile time with its ratio to base's (on a shared machine, closer to the unc
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import machine, time_side_by_side  # noqa: E402
 from loramix_fast import ops, reference  # noqa: E402
 
 K = N = 2048
@@ -81,21 +78,6 @@ def _peft_layer(weight, A, B, scale):
     return lin
 
 
-def _time_side_by_side(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """fns: name -> list of zero-arg callables (rotated inputs). Round-robin; returns
-    name -> (median, 10th percentile) seconds (the p10 shows the uncontended time on a shared box)."""
-    times = {k: [] for k in fns}
-    for it in range(warmup + reps):
-        for k, calls in fns.items():
-            f = calls[it % len(calls)]
-            t0 = time.perf_counter()
-            f()
-            dt = time.perf_counter() - t0
-            if it >= warmup:
-                times[k].append(dt)
-    return {k: (statistics.median(v), sorted(v)[len(v) // 10]) for k, v in times.items()}
-
-
 def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=POPS,
         providers=("base", "ours", "loop", "peft", "gather")) -> list[dict]:
     g = torch.Generator().manual_seed(0)
@@ -133,7 +115,7 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=P
                                   for x in xs]
             fns = {k: v for k, v in cand.items() if k in providers or k == "base"}
             with torch.inference_mode():
-                t = _time_side_by_side(fns, _reps(M, quick))
+                t = time_side_by_side(fns, _reps(M, quick), with_p10=True)
             used = int(torch.unique(idx).numel())
             nbytes = (N * K + used * 2 * R * K + M * K + M * N) * esz
             flops = 2 * M * K * N + 2 * M * R * (K + N)
@@ -144,19 +126,6 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=P
                                  K=K, N=N, E=E, R=R, dtype=str(dtype).split(".")[-1],
                                  threads=torch.get_num_threads()))
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
 def format_table(rows: list[dict]) -> str:

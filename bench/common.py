@@ -9,9 +9,11 @@ import time
 import torch
 
 
-def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None) -> dict:
-    """fns: name -> list of zero-arg callables (rotated inputs), timed round-robin so every
-    provider sees the same machine state; returns name -> median seconds after warm-up."""
+def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None,
+                      with_p10: bool = False) -> dict:
+    """fns: name -> zero-arg callable or list of them (rotated inputs), timed round-robin so every
+    provider sees the same machine state; returns name -> median seconds after warm-up, or
+    (median, 10th percentile) with ``with_p10`` (the p10 shows the uncontended time)."""
     times = {k: [] for k in fns}
     for it in range(warmup + reps):
         for k, calls in fns.items():
@@ -23,6 +25,8 @@ def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None) 
             dt = time.perf_counter() - t0
             if it >= warmup:
                 times[k].append(dt)
+    if with_p10:
+        return {k: (statistics.median(v), sorted(v)[len(v) // 10]) for k, v in times.items()}
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -9,7 +9,6 @@ S = slots per row, T = experts scored by a router, B = sequences, V = vocabulary
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
