@@ -109,6 +109,17 @@ def _device_name(dev) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def format_table(rows: list[dict]) -> str:
+    hdr = (f"{'M':>5} {'T':>3} {'R':>3} {'k':>2} {'dtype':>9} {'provider':>11} {'backend':>9} "
+           f"{'us':>9} {'GB/s':>8} {'x ours':>7}")
+    out = [hdr, "-" * len(hdr)]
+    for r in rows:
+        out.append(f"{r['M']:>5} {r['T']:>3} {r['R']:>3} {r['k']:>2} {r['dtype']:>9} "
+                   f"{r['provider']:>11} {r['backend']:>9} {r['us']:>9.2f} {r['GBps']:>8.3f} "
+                   f"{r['vs_ours']:>7.2f}")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -119,14 +130,7 @@ def main():
         torch.set_num_threads(args.threads)
     rows = run(args.quick, args.device)
     print(f"torch {torch.__version__}, {rows[0]['device'] if rows else ''}")
-    hdr = f"{'M':>5} {'T':>3} {'R':>3} {'k':>2} {'dtype':>9} {'provider':>11} {'backend':>9} " \
-          f"{'us':>9} {'GB/s':>8} {'x ours':>7}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['M']:>5} {r['T']:>3} {r['R']:>3} {r['k']:>2} {r['dtype']:>9} {r['provider']:>11} "
-              f"{r['backend']:>9} {r['us']:>9.2f} {r['GBps']:>8.3f} {r['vs_ours']:>7.2f}")
-
+    print(format_table(rows))
 
 if __name__ == "__main__":
     main()

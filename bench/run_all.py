@@ -43,14 +43,21 @@ def _table(mod, rows):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--only", default="", help="comma-separated sections to rerun (the others are "
+                    "kept from the existing file): " + ",".join(SECTIONS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     a = ap.parse_args(argv)
     keys = [k for k in a.only.split(",") if k] or list(SECTIONS)
-    parts = [f"# Benchmark results\n\nMachine: {machine()}  \nDate: "
-             f"{datetime.date.today()}; mode: {'quick' if a.quick else 'full'}; fp32 unless noted. "
-             "Medians of side-by-side runs after warm-up; ratios are the numbers to compare (this "
-             "machine is shared and noisy).\n"]
+    header = (f"# Benchmark results\n\nMachine: {machine()}  \nDate: "
+              f"{datetime.date.today()}; mode: {'quick' if a.quick else 'full'}; fp32 unless noted. "
+              "Medians of side-by-side runs after warm-up; ratios are the numbers to compare (this "
+              "machine is shared and noisy).\n")
+    sections = {}  # title -> text; with --only, the other sections of an existing file are kept
+    out = Path(a.out)
+    if a.only and out.exists():
+        for chunk in out.read_text().split("\n## ")[1:]:
+            title = chunk.split("\n", 1)[0].strip()
+            sections[title] = "## " + chunk.rstrip() + "\n"
     for k in keys:
         modname, title = SECTIONS[k]
         t0 = time.perf_counter()
@@ -58,10 +65,9 @@ def main(argv=None) -> int:
         rows = mod.run(a.quick)
         table = _table(mod, rows)
         print(f"== {title} ({time.perf_counter() - t0:.0f}s)\n{table}\n", flush=True)
-        parts.append(f"## {title}\n\n```\n{table}\n```\n")
-    if a.only and Path(a.out).exists():
-        print(f"(--only given: not overwriting {a.out}; tables printed above)")
-        return 0
+        sections[title] = f"## {title}\n\n```\n{table}\n```\n"
+    order = [t for _, t in SECTIONS.values()]
+    parts = [header] + [sections[t] for t in order if t in sections]
     Path(a.out).write_text("\n".join(parts))
     print(f"wrote {a.out}")
     return 0
