@@ -44,6 +44,7 @@ class AlignedStack:
     rank: torch.Tensor
     ones: torch.Tensor
     inv_sigma1: torch.Tensor  # [T] 1 / sigma_t1 (0 where rank is 0): Arrow's score scale
+    equal_ranks: bool = True  # every targeting expert has the same rank (factor merge needs it)
 
     @property
     def A_flat(self) -> torch.Tensor:
@@ -96,7 +97,8 @@ def align_stack(stack, *, variant: str = "paper") -> AlignedStack:
     if variant == "official":  # h_t[0] = v_t . x already
         inv = (s1 > 0).float()
     out = AlignedStack(A_star, B_star, sigma, stack.rank.clone(),
-                       torch.ones(E, dtype=torch.float32, device=dev), inv)
+                       torch.ones(E, dtype=torch.float32, device=dev), inv,
+                       len({r for r in ranks if r > 0}) <= 1)
     stack.cache[key] = out
     return out
 
@@ -176,8 +178,7 @@ class SpectR(_Router):
     def merge(self, y, H, al, idx, w):
         if self.merge_mode == "output":
             return super().merge(y, H, al, idx, w)
-        ranks = al.rank[al.rank > 0]
-        if ranks.numel() and not bool((ranks == ranks[0]).all()):
+        if not al.equal_ranks:  # known at alignment time: no host sync here
             raise ValueError("SpectR(merge='factor') needs experts of equal rank in every module; "
                              f"got ranks {al.rank.tolist()} (use merge='output')")
         # h_bar = sum_i w_i h_i, fed to every selected expert's B*: (sum_i w_i B*_i) h_bar
