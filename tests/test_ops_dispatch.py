@@ -74,3 +74,14 @@ def test_registered_custom_op_and_fake():
     torch.library.opcheck(torch.ops.loramix.multi_lora_linear.default,
                           (x, W, A, B, scale, rank, idx, None, None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_expand_registered_custom_op_and_fake():
+    x, W, A, B, scale, rank, idx = _data(dtype=torch.float32)
+    y = torch.randn(x.shape[0], W.shape[0])
+    h = torch.einsum("erk,mk->mer", A, x)
+    args = (y, h, B, scale, rank, idx, None)
+    torch.testing.assert_close(torch.ops.loramix.multi_lora_expand(*args),
+                               reference.multi_lora_expand(*args))
+    torch.library.opcheck(torch.ops.loramix.multi_lora_expand.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

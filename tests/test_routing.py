@@ -253,3 +253,13 @@ def test_router_argument_errors():
         lmf.SpectR(merge="sum")
     with pytest.raises(ValueError, match="temperature"):
         lmf.Arrow(temperature=0)
+
+
+def test_routed_model_under_torch_compile(setup):
+    model, dirs, lib = setup
+    m = lmf.patch(copy.deepcopy(model), lib, router=lmf.SpectR(top_k=3, weighting="softmax"))
+    ids = torch.randint(3, 128, (2, 5))
+    with torch.no_grad():
+        eager = m(ids).logits
+        comp = torch.compile(m)(ids).logits
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)

@@ -117,16 +117,33 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
     check_tensor("h", h, ndim=3, shape=(M, E, R), device=y.device)
     check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=y.device)
     check_tensor("w", w, ndim=2, shape=(M, idx.shape[1]), optional=True, device=y.device)
+    if idx.dtype != torch.int32:
+        idx = idx.to(torch.int32)
+    if torch.compiler.is_compiling():
+        return _multi_lora_expand_op(y, h, B, scale, rank, idx, w)
     backend = pick_backend(y, "multi_lora_expand")
     if _needs_grad(y, h, B, w):
         backend = "reference"
+    return _run_expand(backend, y, h, B, scale, rank, idx, w)
+
+
+def _run_expand(backend, y, h, B, scale, rank, idx, w):
     if backend == "cpp":
-        return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx.to(torch.int32), w)
+        return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx, w)
     if backend == "triton":
-        try:
-            from ..kernels.multi_lora import multi_lora_expand_triton
-        except ImportError:
-            multi_lora_expand_triton = None
-        if multi_lora_expand_triton is not None:
-            return multi_lora_expand_triton(y, h, B, scale, rank, idx.to(torch.int32), w)
+        from ..kernels.multi_lora import multi_lora_expand_triton
+
+        return multi_lora_expand_triton(y, h, B, scale, rank, idx, w)
     return reference.multi_lora_expand(y, h, B, scale, rank, idx, w)
+
+
+@torch.library.custom_op("loramix::multi_lora_expand", mutates_args=())
+def _multi_lora_expand_op(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                          rank: torch.Tensor, idx: torch.Tensor,
+                          w: torch.Tensor | None) -> torch.Tensor:
+    return _run_expand(pick_backend(y, "multi_lora_expand"), y, h, B, scale, rank, idx, w)
+
+
+@_multi_lora_expand_op.register_fake
+def _(y, h, B, scale, rank, idx, w):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
