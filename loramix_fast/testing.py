@@ -26,15 +26,17 @@ TARGETS = {
 
 def tiny_model(family: str = "llama", *, hidden: int = 64, layers: int = 2, vocab: int = 128,
                intermediate: int | None = None, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-               dtype=torch.float32):
-    """A small random causal LM of the given family, in eval mode."""
+               dtype=torch.float32, init_range: float = 0.02):
+    """A small random causal LM of the given family, in eval mode. ``init_range`` is the weights'
+    std (larger: spread-out logits, fewer near-ties between top tokens)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     inter = intermediate or hidden * 3 // 2 + 2
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                   num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, max_position_embeddings=256)
+                  num_key_value_heads=kv_heads, max_position_embeddings=256,
+                  initializer_range=init_range)
     if family == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     elif family == "qwen2":
@@ -46,6 +48,7 @@ def tiny_model(family: str = "llama", *, hidden: int = 64, layers: int = 2, voca
     elif family == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers,
                                                  n_head=heads, n_positions=256,
+                                                 initializer_range=init_range,
                                                  bos_token_id=1, eos_token_id=2))
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

@@ -12,6 +12,7 @@ import torch
 import loramix_fast as lmf
 from loramix_fast import reference
 from loramix_fast.ensemble import ensemble_generate
+from loramix_fast.testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
 
 tf = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,42 +24,21 @@ GAP = 1e-3  # compare tokens only while the oracle's top-2 gap is above fp32 rou
 NEW = 8
 
 
-def _config():
-    # initializer_range 0.2: spread-out logits, so near-ties between top tokens are rare
-    return tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, initializer_range=0.2)
+def _tiny():
+    return tiny_model("llama", hidden=64, layers=2, vocab=VOCAB, intermediate=128, init_range=0.2)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(patched fp32 model, peft fp64 oracle, adapter dirs)."""
     warnings.simplefilter("ignore")
-    folder = tmp_path_factory.mktemp("ensemble_adapters")
-    torch.manual_seed(0)
-    cfg = _config()
-    base_sd = tf.LlamaForCausalLM(cfg).state_dict()
-    dirs = {}
-    for i, (name, r) in enumerate(ADAPTERS.items()):
-        m = tf.LlamaForCausalLM(cfg)
-        m.load_state_dict(base_sd)
-        torch.manual_seed(100 + i)
-        pm = peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                                                    init_lora_weights=False))
-        pm.save_pretrained(str(folder / name))
-        dirs[name] = str(folder / name)
-    model = tf.LlamaForCausalLM(cfg)
-    model.load_state_dict(base_sd)
-    model.eval()
+    folder = str(tmp_path_factory.mktemp("ensemble_adapters"))
+    # init_range 0.2: spread-out logits, so near-ties between top tokens are rare
+    model = _tiny()
+    dirs = write_peft_adapters(model, [AdapterSpec(name, r=r, seed=100 + i, targets=TARGETS)
+                                       for i, (name, r) in enumerate(ADAPTERS.items())], folder)
+    oracle = peft_multi(model, dirs).double()
     lmf.patch(model, lmf.AdapterLibrary.from_peft(dirs))
-
-    base64 = tf.LlamaForCausalLM(cfg)
-    base64.load_state_dict(base_sd)
-    names = list(dirs)
-    oracle = peft.PeftModel.from_pretrained(base64, dirs[names[0]], adapter_name=names[0])
-    for n in names[1:]:
-        oracle.load_adapter(dirs[n], adapter_name=n)
-    oracle = oracle.double().eval()
     return model, oracle, dirs
 
 
@@ -224,9 +204,8 @@ def test_expert_prompts_of_different_lengths(setup):
 def test_prompt_experts_on_unpatched_backbone(setup):
     """PELMo: experts are prompts on one backbone, no adapters, no patch needed."""
     model, _, _ = setup
-    plain = tf.LlamaForCausalLM(_config())
+    plain = _tiny()
     plain.load_state_dict(setup_base_state(model))
-    plain.eval()
     ids, mask, _ = _prompts(2, seed=5)
     kw = dict(experts=["__base__", "__base__"], weights=[0.5, 0.5], max_new_tokens=NEW,
               attention_mask=mask, expert_prompts=[[12, 13, 14], [90]], eos_token_id=[])
@@ -326,7 +305,7 @@ def test_validation(setup, kwargs, err, match):
 
 
 def test_validation_unpatched_and_ids():
-    plain = tf.LlamaForCausalLM(_config()).eval()
+    plain = _tiny()
     with pytest.raises(ValueError, match="not patched"):
         ensemble_generate(plain, torch.ones(1, 3, dtype=torch.long), experts=["a"])
     with pytest.raises(ValueError, match="input_ids"):
