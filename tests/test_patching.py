@@ -158,3 +158,34 @@ def test_torch_compile_patched_model(tmp_path):
         return lmf.ops.multi_lora_linear(x, w, st.A, st.B, st.scale, st.rank, idx)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_two_threads_share_a_patched_model(llama_setup):
+    """The selection lives in contextvars: concurrent forwards with different adapters on one
+    model each see their own."""
+    import threading
+
+    fam, model, dirs, pm = llama_setup
+    m = lmf.patch(copy.deepcopy(model), lmf.AdapterLibrary.from_peft(dirs))
+    ids = torch.randint(3, 128, (2, 5))
+    want = {n: pm(ids, adapter_names=[n, n]).logits for n in ("a", "c")}
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def worker(name):
+        try:
+            for _ in range(5):
+                barrier.wait()
+                with torch.no_grad():
+                    got = m(ids, adapter_names=[name, name]).logits
+                assert _rel(got, want[name]) < 1e-5, name
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(n,)) for n in want]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
