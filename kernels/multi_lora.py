@@ -338,6 +338,18 @@ def _sort_rows(idx: torch.Tensor, E: int) -> torch.Tensor:
     return torch.argsort(key)
 
 
+def _launch_params(M: int, dtype: torch.dtype, dot_dtype: torch.dtype, config: dict | None,
+                   R: int, S: int, E: int):
+    """Block config for M rows of ``dtype`` (``config`` overrides), the dot mode for
+    ``dot_dtype`` operands, rank and slot blocks, and whether any adapter can apply."""
+    cfg = gemm_config(M, dtype)
+    if config:
+        cfg.update(config)
+    dot_fp32, precision = _dot_mode(dot_dtype)
+    return (cfg, dot_fp32, precision, _block_r(R), triton.next_power_of_2(max(S, 1)),
+            S > 0 and E > 0)
+
+
 def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                              B: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
                              idx: torch.Tensor, w: torch.Tensor | None = None,
@@ -379,13 +391,8 @@ def multi_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, A: torch.Ten
     if K == 0:  # empty reduction: bias only
         return out.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(out))
 
-    cfg = gemm_config(M, x.dtype)
-    if config:
-        cfg.update(config)
-    dot_fp32, precision = _dot_mode(x.dtype)
-    BLOCK_R = _block_r(R)
-    BLOCK_S = triton.next_power_of_2(max(S, 1))
-    has_adapters = S > 0 and E > 0
+    cfg, dot_fp32, precision, BLOCK_R, BLOCK_S, has_adapters = _launch_params(
+        M, x.dtype, x.dtype, config, R, S, E)
     if grouped is None:
         grouped = M >= GROUPED_MIN_M
     grouped = grouped and has_adapters
@@ -473,13 +480,8 @@ def multi_lora_expand_triton(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor,
         _check("out", out, (M, N))
     if M == 0 or N == 0:
         return out
-    cfg = gemm_config(M, y.dtype)
-    if config:
-        cfg.update(config)
-    dot_fp32, precision = _dot_mode(B.dtype)
-    BLOCK_R = _block_r(R)
-    BLOCK_S = triton.next_power_of_2(max(S, 1))
-    has_adapters = S > 0 and E > 0
+    cfg, dot_fp32, precision, BLOCK_R, BLOCK_S, has_adapters = _launch_params(
+        M, y.dtype, B.dtype, config, R, S, E)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _multi_lora_fwd_kernel[grid](
         y, y, y, y, out,
