@@ -90,14 +90,20 @@ class MultiLoRALinear(nn.Module):
         stack = self.stack()
         if stack is None:
             return self.base_layer(x)
+        return self.apply_adapters(x, stack, idx)
+
+    def apply_adapters(self, x: torch.Tensor, stack, idx: torch.Tensor,
+                       w: torch.Tensor | None = None) -> torch.Tensor:
+        """``base_layer(x)`` plus the deltas of ``stack``'s adapters ``idx [M, S]`` (weights
+        ``w [M, S]``), M = tokens of ``x [..., in]``, in one fused op; returns [..., out]."""
         x2 = x.reshape(-1, x.shape[-1])
         if idx.shape[0] != x2.shape[0]:
             raise ValueError(f"{self.lmf_name}: the adapter selection covers {idx.shape[0]} tokens "
                              f"but this layer got {x2.shape[0]} (input shape {tuple(x.shape)})")
         base = self._lmf_base
-        w = base.weight if self.lmf_kind == "linear" else base.weight.t()
-        if x2.dtype != w.dtype:
-            x2 = x2.to(w.dtype)
-        y = ops.multi_lora_linear(x2, w, stack.A, stack.B, stack.scale, stack.rank, idx, None,
+        wt = base.weight if self.lmf_kind == "linear" else base.weight.t()
+        if x2.dtype != wt.dtype:
+            x2 = x2.to(wt.dtype)
+        y = ops.multi_lora_linear(x2, wt, stack.A, stack.B, stack.scale, stack.rank, idx, w,
                                   base.bias, validate=False)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -46,7 +46,6 @@ class PatchState:
     hooks: list = field(default_factory=list)
     patched: dict = field(default_factory=dict)  # name -> MultiLoRALinear
     record: object = None  # routing report recorder (opt-in)
-    attention_mask: object = None
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -221,7 +220,7 @@ def _pre_hook(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is not None:
         resets.append((_SELECTION, _SELECTION.set(Selection(st, _seq_ids(st, names)))))
-    if _ROUTE_CACHE.get() is None:
+    if st.router is not None and _ROUTE_CACHE.get() is None:  # routers' per-forward cache
         resets.append((_ROUTE_CACHE, _ROUTE_CACHE.set({})))
     sel = _SELECTION.get()
     shape = _input_shape(args, kwargs)

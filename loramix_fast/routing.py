@@ -103,6 +103,13 @@ def align_stack(stack, *, variant: str = "paper") -> AlignedStack:
     return out
 
 
+def _record(module, idx, scores) -> None:
+    """Add a routing decision to the model's report when recording is on."""
+    rec = module._lmf_state.record
+    if rec is not None:
+        rec.add(module.lmf_name, idx, scores, module._lmf_state.lib.names)
+
+
 class _Router:
     """Shared plumbing: base output + all h_t for a patched layer's input."""
 
@@ -133,9 +140,7 @@ class _Router:
         if y is None:
             return module.base_layer(x)
         idx, w, scores = self.select(H, al)
-        rec = module._lmf_state.record
-        if rec is not None:
-            rec.add(module.lmf_name, idx, scores, module._lmf_state.lib.names)
+        _record(module, idx, scores)
         y = self.merge(y, H, al, idx, w)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -222,14 +227,11 @@ class Uniform(_Router):
         stack = module.stack()
         if stack is None:
             return module.base_layer(x)
-        x2 = x.reshape(-1, x.shape[-1])
         T = stack.A.shape[0]
-        M = x2.shape[0]
-        idx = torch.arange(T, dtype=torch.int32, device=x2.device).expand(M, T).contiguous()
-        w = torch.full((M, T), 1.0 / T, dtype=torch.float32, device=x2.device)
-        y = ops.multi_lora_linear(x2, module.weight, stack.A, stack.B, stack.scale, stack.rank,
-                                  idx, w, module.base_layer.bias, validate=False)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        M = x.numel() // x.shape[-1]
+        idx = torch.arange(T, dtype=torch.int32, device=x.device).expand(M, T).contiguous()
+        w = torch.full((M, T), 1.0 / T, dtype=torch.float32, device=x.device)
+        return module.apply_adapters(x, stack, idx, w)
 
 
 class PromptCached:
@@ -279,18 +281,13 @@ class PromptCached:
             al = align_stack(stack, variant=self.router.variant)
             H = F.linear(mean, al.A_flat).view(b, al.A_star.shape[0], al.A_star.shape[1])
             idx, w, scores = self.router.select(H, al)
-            rec = module._lmf_state.record
-            if rec is not None:
-                rec.add(module.lmf_name, idx, scores, module._lmf_state.lib.names)
+            _record(module, idx, scores)
             hit = (idx, w)
             cache[key] = hit
         idx, w = hit
         if t != 1:
             idx, w = idx.repeat_interleave(t, 0), w.repeat_interleave(t, 0)
-        x2 = x.reshape(-1, x.shape[-1]).to(module.weight.dtype)
-        y = ops.multi_lora_linear(x2, module.weight, stack.A, stack.B, stack.scale, stack.rank,
-                                  idx, w, module.base_layer.bias, validate=False)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return module.apply_adapters(x, stack, idx, w)
 
 
 # ---- routing report ----------------------------------------------------------------------------
