@@ -105,7 +105,7 @@ def route(lib, x, k):
     """{method: (idx [M, k] int32, scores [M, T])} using the library's alignment and op."""
     stack = lib.stack("m", torch.float32, "cpu")
     out = {}
-    al = align_stack(stack)
+    al = align_stack(stack, variant="paper")
     T, R = al.A_star.shape[:2]
     H = (x @ al.A_flat.T).view(-1, T, R)
     out["spectr"] = ops.spectr_topk(H, k, rank=al.rank, score="norm")[::2]

@@ -3,10 +3,11 @@
 Routers plug into a patched model (``lmf.patch(model, lib, router=...)`` or ``lmf.set_router``) and
 serve every token at every patched layer with the experts it aligns with:
 
-- :class:`SpectR` (Fleshman & Van Durme): ``dW_t = scale_t B_t A_t = U S V^T``, ``A*_t = S V^T``,
-  ``B*_t = U`` (eqs. 2, 6; computed once per adapter and module from two thin QRs and an r x r SVD);
-  scores ``s_t = ||A*_t x|| = ||dW_t x||`` (eqs. 7-8), top-k (eq. 9), merge in output space (eq. 13)
-  or factor space (eqs. 10-12).
+- :class:`SpectR` (Fleshman & Van Durme): ``dW_t = scale_t B_t A_t = U S V^T`` (eq. 2; computed
+  once per adapter and module from two thin QRs and an r x r SVD, one sign convention), scores
+  ``s_t = ||A*_t x||`` (eqs. 7-8) with ``A*_t = V^T, B*_t = U S`` (the authors' code, default) or
+  ``A*_t = S V^T, B*_t = U`` (eq. 6, ``variant="paper"``: ``s_t = ||dW_t x||``), top-k (eq. 9),
+  merge in output space (eq. 13) or factor space (eqs. 10-12).
 - :class:`Arrow` (Ostapenko et al.; peft ``ArrowConfig`` semantics with exact prototypes): score
   ``|v_t . x|`` with v_t the top right singular vector of dW_t (= ``|h_t[0]| / sigma_t1``), softmax of
   score / temperature over the top k, output-space merge.
@@ -52,13 +53,31 @@ class AlignedStack:
         return self.A_star.view(T * R, K)
 
 
-def align_stack(stack, *, variant: str = "paper") -> AlignedStack:
+def _svd_flip(U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sign per singular pair: the entry of largest magnitude of each column u_i of U [N, r] is
+    made positive (ties go to the lowest index), flipping row i of Vt [r, K] with it (scikit-learn's
+    ``svd_flip`` convention). U S Vt is unchanged."""
+    i = U.abs().argmax(0)  # first index of the maximum: ties go to the lowest index
+    sign = torch.sign(U.gather(0, i[None]))[0]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign[None, :], Vt * sign[:, None]
+
+
+def align_stack(stack, *, variant: str = "official") -> AlignedStack:
     """Factor every adapter's ``dW_t = scale_t B_t A_t`` as ``U S V^T`` (exact, via thin QRs of B
     and A^T and an r x r SVD, in float64; never a d_out x d_in SVD).
 
-    variant="paper": ``A* = S V^T, B* = U`` (SpectR eq. 6: score ||A* x|| = ||dW x||);
-    variant="official": ``A* = V^T, B* = U S`` (the official code: score ||V^T x||).
-    Cached on ``stack.cache``.
+    variant="official" (default): ``A* = V^T, B* = U S`` (the SpectR authors' code: score
+    ``||V^T x||``, the norm of x's projection on the expert's input subspace);
+    variant="paper": ``A* = S V^T, B* = U`` (SpectR eq. 6: score ``||A* x|| = ||dW x||``).
+
+    Sign convention: singular vectors are unique only up to the sign of each pair (u_i, v_i), and
+    LAPACK / cuSOLVER return either. Each pair is flipped so that the entry of largest magnitude
+    of u_i is positive (ties to the lowest index; scikit-learn's ``svd_flip``), so the factors, and
+    the factor merge that sums B*_i and h_i across experts, are the same on every machine.
+
+    Returns an :class:`AlignedStack` (A_star [T, R, K], B_star [T, N, R], zero past each rank),
+    cached on ``stack.cache``.
     """
     if variant not in ("paper", "official"):
         raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
@@ -83,8 +102,7 @@ def align_stack(stack, *, variant: str = "paper") -> AlignedStack:
         Qb, Rb = torch.linalg.qr(B)  # [N, r], [r, r]
         Qa, Ra = torch.linalg.qr(A.T)  # [K, r], [r, r]
         U_c, S, Vh_c = torch.linalg.svd(scales[t] * Rb @ Ra.T)  # r x r core
-        U = Qb @ U_c  # [N, r]
-        Vt = Vh_c @ Qa.T  # [r, K]
+        U, Vt = _svd_flip(Qb @ U_c, Vh_c @ Qa.T)  # [N, r], [r, K]
         if variant == "paper":
             A_star[t, :r] = (S[:, None] * Vt).to(dt)
             B_star[t, :, :r] = U.to(dt)
@@ -113,7 +131,7 @@ def _record(module, idx, scores) -> None:
 class _Router:
     """Shared plumbing: base output + all h_t for a patched layer's input."""
 
-    variant = "paper"
+    variant = "official"  # the alignment every router shares by default (Arrow is invariant to it)
 
     def _base_and_h(self, module, x2):
         stack = module.stack()
@@ -154,11 +172,18 @@ class SpectR(_Router):
         temperature: softmax temperature.
         merge: "output" (eq. 13, default: ``sum_i w_i B*_i h_i``) or "factor" (eqs. 10-12:
             ``(sum_i w_i B*_i)(sum_i w_i h_i)``; needs equal ranks).
-        variant: "paper" (A* = S V^T, default) or "official" (the official code's ||V^T x||).
+        variant: "official" (default) scores ``||V^T x||`` with ``A* = V^T, B* = U S``: the SpectR
+            authors' code, which produced the paper's tables. "paper" scores ``||S V^T x|| =
+            ||dW x||`` (eq. 6, ``A* = S V^T, B* = U``). With S inside A*, an expert's overall scale
+            (its alpha / r, or how far training moved it) decides the route: on SmolLM2 with four
+            experts trained on distinct tasks, "paper" sent every prompt of all four tasks to one
+            expert, while "official" routes by direction and beats Arrow per token (see
+            bench/RESULTS.md). With merge="output" both give the same delta for a given
+            selection (B*_t h_t = dW_t x); the factor merge differs.
     """
 
     def __init__(self, top_k: int = 4, weighting: str = "uniform", temperature: float = 1.0,
-                 merge: str = "output", variant: str = "paper"):
+                 merge: str = "output", variant: str = "official"):
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if weighting not in ("uniform", "softmax"):

@@ -26,25 +26,39 @@ def setup(tmp_path_factory):
     return model, dirs, lmf.AdapterLibrary.from_peft(dirs)
 
 
-def _reference_logits(model, lib, ids, kind, k=4, weighting="uniform", temperature=1.0):
-    """fp64 model with hooks adding the routed delta, straight from the equations (dense dW)."""
+def _dense_svd(dW, r):
+    """fp64 SVD of a dense dW with the documented sign convention (largest-|.| entry of each u_i
+    positive, ties to the lowest index), truncated to rank r: U [N, r], S [r], Vh [r, K]."""
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    for i in range(r):
+        j = int(torch.argmax(U[:, i].abs()))  # first maximum: lowest index
+        if U[j, i] < 0:
+            U[:, i], Vh[i] = -U[:, i], -Vh[i]
+    return U, S, Vh
+
+
+def _reference_logits(model, lib, ids, kind, k=4, weighting="uniform", temperature=1.0,
+                      variant="official", merge="output"):
+    """fp64 model with hooks adding the routed delta, straight from the equations (dense dW and
+    its dense SVD)."""
     m = copy.deepcopy(model).double()
     names = lib.names
     hooks = []
     for mod_name in lib.modules():
         mod = m.get_submodule(mod_name)
-        dWs, v1 = [], []
+        dWs, svds = [], []
         for n in names:
             f = lib.factors(n).get(mod_name)
             if f is None:
                 dWs.append(None)
-                v1.append(None)
+                svds.append(None)
                 continue
             dW = f.scale * f.B.double() @ f.A.double()
             dWs.append(dW)
-            v1.append(torch.linalg.svd(dW).Vh[0])  # Arrow prototype: top right singular vector
+            svds.append(_dense_svd(dW, f.rank))
 
-        def hook(mod, inp, out, dWs=dWs, v1=v1):
+        def hook(mod, inp, out, dWs=dWs, svds=svds):
             x = inp[0].reshape(-1, inp[0].shape[-1])
             D = torch.stack([x @ d.T if d is not None else torch.zeros_like(out).reshape(len(x), -1)
                              for d in dWs], 1)  # [M, T, N]: dW_t x
@@ -52,11 +66,15 @@ def _reference_logits(model, lib, ids, kind, k=4, weighting="uniform", temperatu
             if kind == "uniform":
                 delta = D.sum(1) / len(dWs)
             else:
-                if kind == "spectr":
-                    s = D.norm(dim=-1)  # ||dW_t x|| (eq. 7-8)
-                else:  # arrow
-                    s = torch.stack([(x @ v).abs() if v is not None else torch.zeros(len(x),
-                                     dtype=x.dtype) for v in v1], 1)
+                zero = torch.zeros(len(x), dtype=x.dtype)
+                if kind == "spectr" and variant == "paper":
+                    s = D.norm(dim=-1)  # ||S V^T x|| = ||dW_t x|| (eqs. 6-8)
+                elif kind == "spectr":  # official: ||V^T x||
+                    s = torch.stack([(x @ sv[2].T).norm(dim=1) if sv is not None else zero
+                                     for sv in svds], 1)
+                else:  # arrow: |v_1 . x|, v_1 the top right singular vector
+                    s = torch.stack([(x @ sv[2][0]).abs() if sv is not None else zero
+                                     for sv in svds], 1)
                 s = torch.where(valid[None], s, torch.full_like(s, -float("inf")))
                 top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
                 ts = torch.gather(s, 1, top)
@@ -65,8 +83,20 @@ def _reference_logits(model, lib, ids, kind, k=4, weighting="uniform", temperatu
                     w = torch.softmax(torch.where(ok, ts / temperature, ts), 1)
                 else:
                     w = ok.double() / ok.sum(1, keepdim=True)
-                Dsel = torch.gather(D, 1, top[..., None].expand(-1, -1, D.shape[-1]))
-                delta = (w[..., None] * Dsel).sum(1)  # eq. 13: sum_i w_i dW_i x
+                if merge == "output":
+                    Dsel = torch.gather(D, 1, top[..., None].expand(-1, -1, D.shape[-1]))
+                    delta = (w[..., None] * Dsel).sum(1)  # eq. 13: sum_i w_i dW_i x
+                else:  # eqs. 10-12: (sum_i w_i B*_i) (sum_i w_i A*_i x), per token
+                    rows = []
+                    for mi in range(len(x)):
+                        Bbar, hbar = 0, 0
+                        for j in range(k):
+                            U, S, Vh = svds[int(top[mi, j])]
+                            Bs, As = (U, S[:, None] * Vh) if variant == "paper" else (U * S, Vh)
+                            Bbar = Bbar + w[mi, j] * Bs
+                            hbar = hbar + w[mi, j] * (As @ x[mi])
+                        rows.append(Bbar @ hbar)
+                    delta = torch.stack(rows)
             return out + delta.view(out.shape)
 
         hooks.append(mod.register_forward_hook(hook))
@@ -79,11 +109,15 @@ def _reference_logits(model, lib, ids, kind, k=4, weighting="uniform", temperatu
 
 @pytest.mark.parametrize("router, kind, kw", [
     (lambda: lmf.SpectR(top_k=4), "spectr", {}),
+    (lambda: lmf.SpectR(top_k=4, variant="paper"), "spectr", dict(variant="paper")),
     (lambda: lmf.SpectR(top_k=3, weighting="softmax", temperature=0.5), "spectr",
      dict(k=3, weighting="softmax", temperature=0.5)),
+    (lambda: lmf.SpectR(top_k=3, weighting="softmax", temperature=0.5, variant="paper"), "spectr",
+     dict(k=3, weighting="softmax", temperature=0.5, variant="paper")),
     (lambda: lmf.Arrow(top_k=3, temperature=2.0), "arrow", dict(k=3, temperature=2.0)),
     (lambda: lmf.Uniform(), "uniform", {}),
-], ids=["spectr-uniform", "spectr-softmax", "arrow", "uniform"])
+], ids=["spectr-official", "spectr-paper", "spectr-official-softmax", "spectr-paper-softmax",
+        "arrow", "uniform"])
 def test_router_matches_fp64_reference(setup, router, kind, kw):
     model, dirs, lib = setup
     m = lmf.patch(copy.deepcopy(model), lib, router=router())
@@ -94,6 +128,50 @@ def test_router_matches_fp64_reference(setup, router, kind, kw):
     ref = _reference_logits(model, lib, ids, kind, **kw)
     assert _rel(out.double(), ref) < 1e-4
     assert _rel(ref, base.double()) > 1e-2  # routing really changes the output
+
+
+@pytest.fixture(scope="module")
+def equal_rank_setup(tmp_path_factory):
+    model = tiny_model("llama")
+    specs = [AdapterSpec(f"f{i}", r=4, seed=70 + i) for i in range(T)]
+    dirs = write_peft_adapters(model, specs, str(tmp_path_factory.mktemp("equal")))
+    return model, lmf.AdapterLibrary.from_peft(dirs)
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.parametrize("weighting", ["uniform", "softmax"])
+def test_factor_merge_matches_fp64_reference(equal_rank_setup, variant, weighting):
+    """Eqs. 10-12 sum B*_i and h_i across experts: the result depends on each singular pair's sign,
+    so this checks the documented convention against a dense fp64 SVD, not just self-consistency."""
+    model, lib = equal_rank_setup
+    m = lmf.patch(copy.deepcopy(model), lib, router=lmf.SpectR(
+        top_k=3, weighting=weighting, temperature=0.7, merge="factor", variant=variant))
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        out = m(ids).logits
+    ref = _reference_logits(model, lib, ids, "spectr", k=3, weighting=weighting, temperature=0.7,
+                            variant=variant, merge="factor")
+    out_ref = _reference_logits(model, lib, ids, "spectr", k=3, weighting=weighting,
+                                temperature=0.7, variant=variant, merge="output")
+    assert _rel(out.double(), ref) < 1e-4
+    assert _rel(ref, out_ref) > 1e-3  # the cross terms matter: a sign flip would show
+
+
+def test_alignment_sign_convention_is_machine_independent(equal_rank_setup):
+    """Flipping the sign of factors (what another LAPACK may return) gives the same alignment."""
+    _, lib = equal_rank_setup
+    mod = "model.layers.0.mlp.down_proj"
+    st = lib.stack(mod, torch.float32, torch.device("cpu"))
+    al = lmf.align_stack(st)
+    flipped = copy.copy(st)
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    flipped.A, flipped.B, flipped.cache = st.A * sign[None, :, None], st.B * sign[None, None, :], {}
+    al2 = lmf.align_stack(flipped)
+    torch.testing.assert_close(al2.A_star, al.A_star, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(al2.B_star, al.B_star, rtol=1e-5, atol=1e-6)
+    B = al.B_star[:, :, :4]
+    top = B.abs().argmax(1, keepdim=True)
+    assert bool((B.gather(1, top) > 0).all())  # the largest-|.| entry of each u_i is positive
 
 
 def test_identities(setup, tmp_path):
@@ -146,7 +224,8 @@ def test_alignment_exact(setup):
     _, _, lib = setup
     mod = "model.layers.1.self_attn.q_proj"
     st = lib.stack(mod, torch.float32, torch.device("cpu"))
-    al = lmf.align_stack(st)
+    al = lmf.align_stack(st, variant="paper")
+    alo = lmf.align_stack(st)  # the default: official
     x = torch.randn(5, st.A.shape[2]).double()
     for t, n in enumerate(lib.names):
         f = lib.factors(n).get(mod)
@@ -164,6 +243,11 @@ def test_alignment_exact(setup):
         v = torch.linalg.svd(dW).Vh[0]
         proto = As[0] * al.inv_sigma1[t].double()
         assert abs(abs(float(proto @ v)) - 1) < 1e-5  # Arrow prototype = top right sing. vector
+        Ao, Bo = alo.A_star[t, :r].double(), alo.B_star[t, :, :r].double()
+        torch.testing.assert_close(Bo @ Ao, dW, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(Ao @ Ao.T, torch.eye(r, dtype=torch.float64), atol=1e-5,
+                                   rtol=0)  # official A* = V^T: orthonormal rows
+        assert abs(abs(float(Ao[0] * alo.inv_sigma1[t].double() @ v)) - 1) < 1e-5
 
 
 def test_arrow_matches_peft_arrow_with_exact_prototypes(tmp_path):
