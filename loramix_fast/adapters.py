@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import threading
@@ -64,10 +65,43 @@ class ModuleStack:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    for key, val in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return val
-    return default
+    """peft's ``get_pattern_key`` + lookup: the first key (in order) with
+    ``re.match(rf"(.*\\.)?({key})$", module)`` wins (the group makes ``a|b`` a whole alternation);
+    with no match, an entry for the module's full key, else ``default``."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return (patterns or {}).get(module, default)
+
+
+def _cfg_number(name: str, what: str, v, *, integer: bool = False):
+    """A finite real number from an adapter config (``integer``: a positive int), else AdapterError."""
+    ok = (isinstance(v, numbers.Integral) if integer else isinstance(v, numbers.Real))
+    if not ok or isinstance(v, bool):
+        raise AdapterError(f"adapter {name!r}: {what} must be "
+                           f"{'a positive integer' if integer else 'a number'}, got {v!r}")
+    if not math.isfinite(v) or (integer and v < 1):
+        raise AdapterError(f"adapter {name!r}: {what} must be "
+                           f"{'a positive integer' if integer else 'finite'}, got {v!r}")
+    return v
+
+
+def _cfg_patterns(name: str, cfg: dict, key: str) -> dict:
+    """``alpha_pattern`` / ``rank_pattern`` checked: a JSON object of valid regexes to numbers."""
+    pats = cfg.get(key)
+    if pats is None:
+        return {}
+    if not isinstance(pats, dict):
+        raise AdapterError(f"adapter {name!r}: {key} must be a JSON object {{pattern: value}}, "
+                           f"got {type(pats).__name__} {pats!r}")
+    for k, v in pats.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise AdapterError(f"adapter {name!r}: {key} key {k!r} is not a valid regular "
+                               f"expression ({e})") from None
+        _cfg_number(name, f"{key}[{k!r}]", v, integer=(key == "rank_pattern"))
+    return pats
 
 
 def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
@@ -82,11 +116,18 @@ def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"adapter {name!r}: cannot parse {cfg_path!r}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: {cfg_path!r} must hold a JSON object (a peft "
+                           f"LoraConfig), got a {type(cfg).__name__}")
     ptype = cfg.get("peft_type", "LORA")
     if ptype != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {ptype!r} is not supported (LoRA only)")
     if cfg.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters (use_dora=True) are not supported yet")
+    if cfg.get("alora_invocation_tokens") is not None:
+        raise AdapterError(f"adapter {name!r}: aLoRA adapters (alora_invocation_tokens="
+                           f"{cfg['alora_invocation_tokens']!r}: the delta applies only from the "
+                           "invocation tokens on) are not supported yet")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {name!r}: modules_to_save={cfg['modules_to_save']} is not "
                            "supported yet (it replaces whole modules, not a low-rank delta)")
@@ -108,7 +149,12 @@ def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
         raise
     except Exception as e:  # corrupt file
         raise AdapterError(f"adapter {name!r}: cannot read weights in {path!r}: {e}") from e
-    alpha = cfg.get("lora_alpha", 8)
+    alpha = _cfg_number(name, "lora_alpha", cfg.get("lora_alpha", 8))  # peft's default: 8
+    alpha_pattern = _cfg_patterns(name, cfg, "alpha_pattern")
+    rank_pattern = _cfg_patterns(name, cfg, "rank_pattern")
+    r_cfg = cfg.get("r")
+    if r_cfg is not None:
+        r_cfg = _cfg_number(name, "r", r_cfg, integer=True)
     rs = bool(cfg.get("use_rslora", False))
     for key in sd:
         if "lora_embedding_" in key:
@@ -140,12 +186,82 @@ def _read_peft_dir(name: str, path: str) -> dict[str, LoRAFactors]:
         if B.shape[1] != r:
             raise AdapterError(f"adapter {name!r}, module {mod!r}: lora_A {tuple(A.shape)} and "
                                f"lora_B {tuple(B.shape)} disagree on the rank")
-        a = _pattern_value(cfg.get("alpha_pattern"), mod, alpha)
+        if r == 0:
+            raise AdapterError(f"adapter {name!r}, module {mod!r}: lora_A {tuple(A.shape)} and "
+                               f"lora_B {tuple(B.shape)} have rank 0; a LoRA rank must be >= 1")
+        r_exp = _pattern_value(rank_pattern, mod, r_cfg)
+        if r_exp is not None and r_exp != r:
+            src = "rank_pattern" if _pattern_value(rank_pattern, mod, None) is not None else "r"
+            raise AdapterError(f"adapter {name!r}, module {mod!r}: the weights have rank {r} but "
+                               f"the config's {src} gives rank {r_exp} (peft cannot load it "
+                               "either)")
+        a = _pattern_value(alpha_pattern, mod, alpha)
         scale = a / math.sqrt(r) if rs else a / r
         factors[mod] = LoRAFactors(A.contiguous(), B.contiguous(), float(scale))
     if not factors:
         raise AdapterError(f"adapter {name!r}: no LoRA weights found in {path!r}")
     return factors
+
+
+def _checked_factors(name: str, factors) -> dict[str, LoRAFactors]:
+    """``factors`` validated on their own (types, shapes, finite values); AdapterError naming the
+    adapter and module otherwise. Every way factors enter a library goes through here."""
+    if not isinstance(factors, dict):
+        raise AdapterError(f"adapter {name!r}: factors must be a dict {{module_path: LoRAFactors}}, "
+                           f"got {type(factors).__name__}")
+    for mod, f in factors.items():
+        if not isinstance(mod, str) or not mod:
+            raise AdapterError(f"adapter {name!r}: a module path must be a non-empty string, "
+                               f"got {mod!r}")
+        where = f"adapter {name!r}, module {mod!r}"
+        if not isinstance(f, LoRAFactors):
+            raise AdapterError(f"{where}: expected LoRAFactors(A, B, scale), got "
+                               f"{type(f).__name__}")
+        for which in ("A", "B"):
+            t = getattr(f, which)
+            if not isinstance(t, torch.Tensor):
+                raise AdapterError(f"{where}: {which} must be a torch.Tensor, got "
+                                   f"{type(t).__name__}")
+            if not t.is_floating_point():
+                raise AdapterError(f"{where}: {which} must be a floating-point tensor, got "
+                                   f"{t.dtype}")
+        if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != f.B.shape[1]:
+            raise AdapterError(f"{where}: expected A [r, K] and "
+                               f"B [N, r], got {tuple(f.A.shape)} and {tuple(f.B.shape)}")
+        s = f.scale
+        if isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_complex():
+            s = s.item()
+        if not isinstance(s, numbers.Real) or isinstance(s, bool):
+            raise AdapterError(f"{where}: scale must be a real number, got {type(s).__name__} "
+                               f"{s!r}")
+        if not math.isfinite(s):
+            raise AdapterError(f"{where}: scale is {s} (not finite)")
+        for which in ("A", "B"):  # one bad value would reach other tenants' rows (0 * inf)
+            t = getattr(f, which)
+            if t.device.type == "meta":
+                continue
+            bad = ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                kinds = "NaN" if bool(torch.isnan(t.detach()).any()) else ""
+                if bool(torch.isinf(t.detach()).any()):
+                    kinds = f"{kinds} and Inf" if kinds else "Inf"
+                first = tuple(bad.nonzero()[0].tolist())
+                raise AdapterError(f"{where}: {which} (lora_{which}) {tuple(t.shape)} holds "
+                                   f"{int(bad.sum())} non-finite value(s) ({kinds}, first at "
+                                   f"{first}); a non-finite adapter is refused")
+    return dict(factors)
+
+
+def _unpatch_new(model, before: dict) -> None:
+    """Undo the patching of every module of ``model`` that was not in ``before`` (a failed add)."""
+    st = getattr(model, "_loramix_state", None)
+    if st is None:
+        return
+    for mod in [m for m in st.patched if m not in before]:
+        new = st.patched.pop(mod)
+        parent_name, _, child = mod.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new.base_layer)
 
 
 class AdapterLibrary:
@@ -159,7 +275,7 @@ class AdapterLibrary:
         self._adapters: dict[str, dict[str, LoRAFactors]] = {}
         self._version = 0
         self._stacks: dict = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # add holds it while it patches models
         self._models: "weakref.WeakSet" = weakref.WeakSet()
 
     # ---- construction ----------------------------------------------------------------------
@@ -176,23 +292,69 @@ class AdapterLibrary:
         self.add(name, _read_peft_dir(name, os.fspath(path)))
 
     def add(self, name: str, factors: dict[str, LoRAFactors]) -> None:
-        """Add an adapter from ``{module_path: LoRAFactors}``. Patched models pick it up at once."""
+        """Add an adapter from ``{module_path: LoRAFactors}``. Patched models pick it up at once.
+
+        Atomic: the factors are validated first (floating-point tensors A [r, K] and B [N, r],
+        finite values, a finite scale; K and N equal to those of the library's other adapters on
+        the module and to the in/out features of the module in every patched model), then the
+        adapter is committed and the modules it newly targets are patched; if anything fails it
+        raises AdapterError and the library and the patched models are left as they were.
+        A rank-0 factor (A [0, K], B [N, 0]) is accepted and contributes nothing.
+        """
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, "
                              f"got {name!r}")
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} is already in the library")
-        for mod, f in factors.items():
-            if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != f.B.shape[1]:
-                raise AdapterError(f"adapter {name!r}, module {mod!r}: expected A [r, K] and "
-                                   f"B [N, r], got {tuple(f.A.shape)} and {tuple(f.B.shape)}")
-        with self._lock:
-            self._adapters[name] = dict(factors)
-            self._bump()
-        for model in list(self._models):
-            from .patching import _extend_patch
+        factors = _checked_factors(name, factors)
+        from .patching import _extend_patch, _state
 
-            _extend_patch(model, self)
+        with self._lock:
+            if name in self._adapters:
+                raise ValueError(f"adapter {name!r} is already in the library")
+            self._check_fits(name, factors)
+            models = [(m, dict(_state(m).patched)) for m in self._patched_models()]
+            self._adapters[name] = factors
+            self._bump()
+            try:
+                for model, _ in models:
+                    _extend_patch(model, self)
+            except BaseException:
+                del self._adapters[name]
+                self._bump()
+                for model, before in models:
+                    _unpatch_new(model, before)
+                raise
+
+    def _patched_models(self) -> list:
+        return [m for m in list(self._models) if getattr(m, "_loramix_state", None) is not None]
+
+    def _check_fits(self, name: str, factors: dict) -> None:
+        """AdapterError if a factor's K / N differ from the library's other adapters' on its module
+        or from the module's in/out features in a model this library is patched into."""
+        from .patching import _state
+
+        for model in self._patched_models():
+            patched = _state(model).patched
+            for mod, f in factors.items():
+                new = patched.get(mod)
+                if new is None:
+                    continue  # not patched yet: _extend_patch checks it (and add rolls back)
+                if f.A.shape[1] != new.in_features or f.B.shape[0] != new.out_features:
+                    raise AdapterError(
+                        f"adapter {name!r}, module {mod!r}: the patched module of "
+                        f"{type(model).__name__} has in={new.in_features}, "
+                        f"out={new.out_features}, but A {tuple(f.A.shape)} / B "
+                        f"{tuple(f.B.shape)} give K={f.A.shape[1]}, N={f.B.shape[0]}")
+        for mod, f in factors.items():
+            K, N = f.A.shape[1], f.B.shape[0]
+            for other, fs in self._adapters.items():
+                g = fs.get(mod)
+                if g is not None and (g.A.shape[1] != K or g.B.shape[0] != N):
+                    raise AdapterError(
+                        f"adapter {name!r}, module {mod!r}: A {tuple(f.A.shape)} / B "
+                        f"{tuple(f.B.shape)} do not fit adapter {other!r}'s factors on this "
+                        f"module (K={g.A.shape[1]}, N={g.B.shape[0]})")
 
     def remove(self, name: str) -> None:
         """Remove an adapter; ids of the adapters after it shift down by one."""
@@ -255,7 +417,7 @@ class AdapterLibrary:
 
     def stack(self, module: str, dtype: torch.dtype, device) -> ModuleStack | None:
         """The padded stack of every adapter for ``module`` (cached until the library changes);
-        None when no adapter targets the module."""
+        None when no adapter targets the module (or every one that does has rank 0)."""
         key = (module, dtype, device)
         try:
             return self._stacks[key]
@@ -270,7 +432,7 @@ class AdapterLibrary:
         names = self.names
         fs = [self._adapters[n].get(module) for n in names]
         present = [f for f in fs if f is not None]
-        if not present:
+        if not any(f.rank for f in present):  # no adapter, or rank 0 only: the base module
             return None
         K = present[0].A.shape[1]
         N = present[0].B.shape[0]
