@@ -457,6 +457,20 @@ class AdapterLibrary:
             rank[i] = r
         return ModuleStack(names, A, B, scale, rank)
 
+    # pickle / deepcopy: the lock, the stack cache and the registry of patched models are not
+    # state (a patched model's copy re-attaches itself to the library's copy when unpickled)
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for k in ("_lock", "_models"):
+            state.pop(k, None)
+        state["_stacks"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._models = weakref.WeakSet()
+
     def _attach(self, model) -> None:
         self._models.add(model)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .context import _SELECTION, _TOKENS, token_map
+from .context import _GENERATING, _SELECTION
 
 __all__ = ["MultiLoRALinear"]
 
@@ -60,6 +60,32 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.lmf_name!r}, kind={self.lmf_kind}"
 
+    # ---- a patched model saves, loads, copies and moves as its base model ------------------
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The base layer's state under this module's own name (``q_proj.weight``, never
+        ``q_proj.base_layer.weight``): a patched model's state dict is the base model's."""
+        return self._lmf_base.state_dict(*args, destination=destination, prefix=prefix,
+                                         keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the base model's keys (``prefix + "weight"``) go to the base layer; the dict is the
+        # loader's own copy, whose entries under ``prefix + "base_layer."`` the child then loads
+        inner = prefix + "base_layer."
+        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        self._lmf_cache = None  # .to() / .cuda() / .half(): the stack follows on the next forward
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_lmf_cache"] = None  # derived; rebuilt from the library on first use
+        return state
+
     def stack(self, dtype=None):
         """This module's adapter stack (None if no adapter targets it), in the weight's dtype
         unless ``dtype`` is given; cached until the library changes."""
@@ -75,18 +101,15 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._lmf_state
-        tok = _TOKENS.get()
-        if tok is not None and tok[0] is st:
-            idx = tok[1]
+        sel = _SELECTION.get()
+        if sel is not None and sel.state is st:
+            # this layer's own token map (encoder and decoder differ), built on x's device once
+            # per forward and shape, shared by every layer
+            idx = sel.token_map_for(x, expand=st in _GENERATING.get())
+        elif st.router is not None:
+            return st.router.forward(self, x)
         else:
-            sel = _SELECTION.get()
-            if sel is not None and sel.state is st:
-                b, t = (x.shape[0], x.shape[1]) if x.dim() == 3 else (x.shape[0], 1)
-                idx = token_map(sel.seq_ids, b, t)
-            elif st.router is not None:
-                return st.router.forward(self, x)
-            else:
-                return self.base_layer(x)
+            return self.base_layer(x)
         stack = self.stack()
         if stack is None:
             return self.base_layer(x)

@@ -4,21 +4,25 @@ all adapters at once; ``unpatch`` restores the original modules.
 One engine driven by a table (``PATCH_TABLE``: predicate -> kind of replacement), no per-model code.
 Per-sequence selection works like peft: ``model(ids, adapter_names=[...])``,
 ``model.generate(..., adapter_names=[...])`` (beam search and sampling included), or the
-``use_adapters`` context manager. The token -> adapter map is built once per forward in the top
-model's pre-hook and kept in a contextvar that every patched layer reads.
+``use_adapters`` context manager. The selection (adapter per sequence) is kept in a contextvar that
+every patched layer reads; its token -> adapter map is built on the input's device once per forward
+and shape (an encoder-decoder's encoder and decoder each get theirs) and shared by the layers. The
+top model's pre-hook sets the selection of ``adapter_names=`` and its always-called post-hook resets
+it, also when the forward raises. A patched model's state dict, pickle and deep copy are those of
+the base model plus the patch: ``save_pretrained`` writes a plain base checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .adapters import BASE, AdapterError, AdapterLibrary
-from .context import _ROUTE_CACHE, _SELECTION, _TOKENS, Selection, token_map
+from .context import _GENERATING, _ROUTE_CACHE, _SELECTION, Selection
 from .modules import MultiLoRALinear
 
 __all__ = ["patch", "unpatch", "use_adapters", "set_router", "PATCH_TABLE", "is_patched"]
@@ -36,16 +40,31 @@ def _is_conv1d(m: nn.Module) -> bool:
 PATCH_TABLE: list = [(_is_linear, "linear"), (_is_conv1d, "conv1d")]
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchState:
-    """Shared by every patched layer of one model."""
+    """Shared by every patched layer of one model. Holds no device: token maps are built on each
+    forward's input device, stacks on each layer's weight device."""
 
     lib: AdapterLibrary
     router: object = None
-    device: torch.device = None
     hooks: list = field(default_factory=list)
     patched: dict = field(default_factory=dict)  # name -> MultiLoRALinear
     record: object = None  # routing report recorder (opt-in)
+    model_ref: object = None  # weakref to the patched model (attached to the library on unpickle)
+
+    # pickle / deepcopy: the library's lock and registry of models are not state; the copy of the
+    # model is attached to the copy of the library when this state is rebuilt
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["model_ref"] = self.model_ref() if self.model_ref is not None else None
+        return state
+
+    def __setstate__(self, state):
+        model = state.pop("model_ref", None)
+        self.__dict__.update(state)
+        self.model_ref = weakref.ref(model) if model is not None else None
+        if model is not None:
+            self.lib._attach(model)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -70,37 +89,54 @@ def patch(model: nn.Module, lib: AdapterLibrary, router=None) -> nn.Module:
             experts per token and layer when no ``adapter_names`` are given.
     Returns the same model.
     """
+    # every argument is checked before the model is touched: a failed patch leaves it as it was
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(lib, AdapterLibrary):
         raise TypeError(f"lib must be an AdapterLibrary, got {type(lib).__name__}")
+    _check_router(router)
     if is_patched(model):
         raise ValueError("model is already patched; add adapters to its library (no re-patch "
                          "needed) or call lmf.unpatch(model) first")
-    p = next(model.parameters(), None)
-    st = PatchState(lib=lib, device=p.device if p is not None else torch.device("cpu"))
+    st = PatchState(lib=lib, model_ref=weakref.ref(model))
     object.__setattr__(model, "_loramix_state", st)
     try:
         _extend_patch(model, lib)
-    except Exception:
+        st.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+        st.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True,
+                                                    always_call=True))
+        if hasattr(model, "generate"):
+            model.generate = _Generate(model)
+        lib._attach(model)
+        if router is not None:
+            set_router(model, router)
+    except BaseException:
         unpatch(model)
         raise
-    st.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
-    st.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
-    if hasattr(model, "generate"):
-        orig = type(model).generate
-
-        def generate(self, *args, adapter_names=None, **kwargs):
-            with contextlib.ExitStack() as es:
-                es.enter_context(_route_cache_scope())
-                if adapter_names is not None:
-                    es.enter_context(use_adapters(self, adapter_names))
-                return orig(self, *args, **kwargs)
-
-        generate.__doc__ = orig.__doc__
-        model.generate = types.MethodType(generate, model)
-    lib._attach(model)
-    if router is not None:
-        set_router(model, router)
     return model
+
+
+class _Generate:
+    """``model.generate`` of a patched model: takes ``adapter_names`` (one per input sequence,
+    repeated over beams / ``num_return_sequences``) and scopes the routers' cache to the call.
+    A plain object (not a closure), so a patched model pickles and deep-copies."""
+
+    def __init__(self, model):
+        self.model = model
+        self.__doc__ = type(model).generate.__doc__
+
+    def __reduce__(self):
+        return (_Generate, (self.model,))
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        model = self.model
+        st = _state(model)
+        with contextlib.ExitStack() as es:
+            es.enter_context(_route_cache_scope())
+            es.enter_context(_set(_GENERATING, _GENERATING.get() + (st,)))
+            if adapter_names is not None:
+                es.enter_context(use_adapters(model, adapter_names))
+            return type(model).generate(model, *args, **kwargs)
 
 
 def _extend_patch(model: nn.Module, lib: AdapterLibrary) -> None:
@@ -148,7 +184,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for h in st.hooks:
         h.remove()
     st.hooks.clear()
-    if "generate" in model.__dict__:
+    if isinstance(model.__dict__.get("generate"), _Generate):
         del model.__dict__["generate"]
     st.lib._detach(model)
     object.__setattr__(model, "_loramix_state", None)
@@ -156,25 +192,43 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_router(router) -> None:
+    if router is None or callable(getattr(router, "forward", None)):
+        return
+    hint = ""
+    if isinstance(router, str):
+        known = {"spectr": "lmf.SpectR()", "arrow": "lmf.Arrow()", "uniform": "lmf.Uniform()",
+                 "promptcached": "lmf.PromptCached(lmf.SpectR())"}
+        if router.lower().replace("_", "") in known:
+            hint = f" (pass {known[router.lower().replace('_', '')]}, not the string {router!r})"
+    raise TypeError("router must be None or a loramix_fast router instance (lmf.SpectR(...), "
+                    "lmf.Arrow(...), lmf.Uniform(), lmf.PromptCached(...)), got "
+                    f"{type(router).__name__} {router!r}{hint}")
+
+
 def set_router(model: nn.Module, router) -> None:
     """Switch the router of a patched model (None: base model unless adapter_names are given)."""
     st = _state(model)
-    if router is not None and not hasattr(router, "forward"):
-        raise TypeError(f"router must be a loramix_fast router (SpectR, Arrow, Uniform, "
-                        f"PromptCached) or None, got {type(router).__name__}")
+    _check_router(router)
     if router is not None and hasattr(router, "bind"):
         router.bind(st)
     st.router = router
 
 
-def _seq_ids(st: PatchState, adapter_names) -> torch.Tensor | None:
-    if isinstance(adapter_names, str):
+def _selection(st: PatchState, adapter_names) -> Selection:
+    if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
         raise TypeError("adapter_names must be a list with one adapter name per sequence "
-                        f"(or {BASE!r}), not a string")
-    ids = st.lib.ids_of(list(adapter_names))
-    if all(i < 0 for i in ids):
-        return torch.full((len(ids),), -1, dtype=torch.int32, device=st.device)
-    return torch.tensor(ids, dtype=torch.int32, device=st.device)
+                        f"(or {BASE!r}), got {type(adapter_names).__name__} {adapter_names!r}")
+    return Selection(st, st.lib.ids_of(list(adapter_names)))
+
+
+@contextlib.contextmanager
+def _set(var: contextvars.ContextVar, value):
+    tok = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(tok)
 
 
 @contextlib.contextmanager
@@ -182,23 +236,17 @@ def use_adapters(model: nn.Module, adapter_names):
     """Context manager: every forward of ``model`` inside uses ``adapter_names`` (one per sequence,
     ``"__base__"`` for none), for code that cannot pass ``adapter_names=`` itself."""
     st = _state(model)
-    tok = _SELECTION.set(Selection(st, _seq_ids(st, adapter_names)))
-    try:
+    with _set(_SELECTION, _selection(st, adapter_names)):
         yield model
-    finally:
-        _SELECTION.reset(tok)
 
 
 @contextlib.contextmanager
 def _route_cache_scope():
-    tok = _ROUTE_CACHE.set({})
-    try:
+    with _set(_ROUTE_CACHE, {}):
         yield
-    finally:
-        _ROUTE_CACHE.reset(tok)
 
 
-# contextvar resets to undo in the post-hook, one tuple per forward in flight
+# contextvar resets to undo in the post-hook: one (state, resets) entry per forward in flight
 _HOOK_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar("loramix_hook_tokens",
                                                                      default=())
 
@@ -207,37 +255,63 @@ def _input_shape(args, kwargs):
     for key in ("input_ids", "inputs_embeds"):
         t = kwargs.get(key)
         if t is not None:
-            return t.shape[0], t.shape[1]
+            return t.shape[0], t.shape[1], t.device
     if args and isinstance(args[0], torch.Tensor):
         t = args[0]
-        return t.shape[0], (t.shape[1] if t.dim() > 1 else 1)
+        return t.shape[0], (t.shape[1] if t.dim() > 1 else 1), t.device
     return None
+
+
+def _undo(resets) -> None:
+    for var, tok in reversed(resets):
+        try:
+            var.reset(tok)
+        except (ValueError, RuntimeError):  # token of another context: put the value back by hand
+            old = tok.old_value
+            var.set(None if old is contextvars.Token.MISSING else old)
+
+
+def _unwind(stack: tuple, i: int) -> None:
+    """Undo entries ``i:`` of the hook stack (innermost first) and drop them."""
+    for _, resets in reversed(stack[i:]):
+        _undo(resets)
+    _HOOK_TOKENS.set(stack[:i])
 
 
 def _pre_hook(model, args, kwargs):
     st = model._loramix_state
+    stack = _HOOK_TOKENS.get()
+    for i, (s, _) in enumerate(stack):
+        if s is st:  # a forward of this model whose post-hook never ran (KeyboardInterrupt)
+            _unwind(stack, i)
+            break
     resets = []
-    names = kwargs.pop("adapter_names", None)
-    if names is not None:
-        resets.append((_SELECTION, _SELECTION.set(Selection(st, _seq_ids(st, names)))))
-    if st.router is not None and _ROUTE_CACHE.get() is None:  # routers' per-forward cache
-        resets.append((_ROUTE_CACHE, _ROUTE_CACHE.set({})))
-    sel = _SELECTION.get()
-    shape = _input_shape(args, kwargs)
-    if sel is not None and sel.state is st and shape is not None:
-        resets.append((_TOKENS, _TOKENS.set((st, token_map(sel.seq_ids, *shape)))))
-    elif st.router is not None and hasattr(st.router, "begin_forward"):
-        st.router.begin_forward(st, args, kwargs, shape)
-    _HOOK_TOKENS.set(_HOOK_TOKENS.get() + (resets,))
+    try:
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            resets.append((_SELECTION, _SELECTION.set(_selection(st, names))))
+        if st.router is not None and _ROUTE_CACHE.get() is None:  # routers' per-forward cache
+            resets.append((_ROUTE_CACHE, _ROUTE_CACHE.set({})))
+        sel = _SELECTION.get()
+        shape = _input_shape(args, kwargs)
+        if sel is not None and sel.state is st:
+            if shape is not None:  # check the names against the batch now, build the map once
+                sel.token_map(shape[0], shape[1], shape[2], expand=st in _GENERATING.get())
+        elif st.router is not None and hasattr(st.router, "begin_forward"):
+            st.router.begin_forward(st, args, kwargs, shape[:2] if shape is not None else None)
+    except BaseException:
+        _undo(resets)  # a failed pre-hook leaves no selection behind
+        raise
+    _HOOK_TOKENS.set(_HOOK_TOKENS.get() + ((st, resets),))
     return args, kwargs
 
 
 def _post_hook(model, args, kwargs, output):
+    # always_call: runs when the forward raised too, so no selection outlives its forward
+    st = model.__dict__.get("_loramix_state")
     stack = _HOOK_TOKENS.get()
-    if not stack:
-        return None
-    resets = stack[-1]
-    _HOOK_TOKENS.set(stack[:-1])
-    for var, tok in reversed(resets):
-        var.reset(tok)
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] is st:
+            _unwind(stack, i)
+            break
     return None
