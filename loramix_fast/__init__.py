@@ -10,6 +10,7 @@ from .ensemble import ensemble_generate, mix_next_token  # noqa: F401
 from .ensemble_weights import elrea_weights, topk_renormalize  # noqa: F401
 from .adapters import BASE, AdapterError, AdapterLibrary, LoRAFactors, ModuleStack  # noqa: F401
 from .modules import MultiLoRALinear  # noqa: F401
+from .training import LoRASpec  # noqa: F401
 from .routing import (Arrow, PromptCached, SpectR, Uniform, align_stack,  # noqa: F401
                       record_routing, routing_report)
 from .patching import PATCH_TABLE, is_patched, patch, set_router, unpatch, use_adapters  # noqa: F401

@@ -7,6 +7,11 @@ zero-padded stack the kernels read (``A [E, R, K]``, ``B [E, N, R]``, ``scale [E
 where E = number of adapters and adapter ``i`` has id ``i``; an adapter that does not target the
 module has rank 0 there and contributes nothing. Stacks are cached per library version, so adding or
 removing an adapter never needs a re-patch.
+
+Training: ``AdapterLibrary.create`` makes new adapters (peft's initialisation),
+``lib.parameters(names)`` hands out their factors as leaf tensors for an optimizer, and
+``lib.save_peft(name, folder)`` writes a peft folder; see :mod:`loramix_fast.training` for how the
+stacks follow the trained factors.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import numbers
 import os
 import re
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -25,6 +31,7 @@ __all__ = ["AdapterLibrary", "LoRAFactors", "ModuleStack", "AdapterError", "BASE
 
 BASE = "__base__"  # peft's name for "no adapter"
 _PREFIX = "base_model.model."
+_LIVE_MAP = ("live-map",)  # key in AdapterLibrary._stacks: {module: ((id, LoRAFactors), ...)}
 
 
 class AdapterError(ValueError):
@@ -269,10 +276,20 @@ class AdapterLibrary:
 
     >>> lib = AdapterLibrary.from_peft({"math": "dir/math", "code": "dir/code"})
     >>> lib.names        # ('math', 'code'); adapter id = position
+
+    Training (see :mod:`loramix_fast.training` for the design):
+
+    >>> lib = AdapterLibrary.create(model, {"math": LoRASpec(r=8, alpha=16,
+    ...                                      target_modules=["q_proj", "v_proj"])}, seed=0)
+    >>> opt = torch.optim.AdamW(lib.parameters(["math"]))   # leaf tensors, requires_grad
+    >>> model(ids, adapter_names=names, labels=labels).loss.backward(); opt.step()
+    >>> lib.save_peft("math", "out/math")                    # PeftModel.from_pretrained loads it
     """
 
     def __init__(self):
         self._adapters: dict[str, dict[str, LoRAFactors]] = {}
+        self._configs: dict[str, dict] = {}  # peft config per adapter (save_peft writes it back)
+        self._live: set = set()  # adapters whose factors may change in place (handed out)
         self._version = 0
         self._stacks: dict = {}
         self._lock = threading.RLock()  # add holds it while it patches models
@@ -288,10 +305,44 @@ class AdapterLibrary:
         return lib
 
     def add_peft(self, name: str, path: str) -> None:
-        """Load one peft LoRA folder under ``name``."""
-        self.add(name, _read_peft_dir(name, os.fspath(path)))
+        """Load one peft LoRA folder under ``name`` (its config is kept for :meth:`save_peft`)."""
+        path = os.fspath(path)
+        factors = _read_peft_dir(name, path)
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        self.add(name, factors, config=cfg)
 
-    def add(self, name: str, factors: dict[str, LoRAFactors]) -> None:
+    @classmethod
+    def create(cls, model, specs: dict, seed: int = 0) -> "AdapterLibrary":
+        """A library of new adapters for ``model``, ``{name: lmf.LoRASpec(...)}``, initialised as
+        peft initialises them (``init_lora_weights``: True = A Kaiming-uniform, B zero, so the
+        model is unchanged; ``"gaussian"``; False = random A and B). Each adapter's numbers depend
+        only on ``(seed, name)``. Patch ``model`` with the library afterwards; train with
+        :meth:`parameters`. AdapterError when a spec targets no module or one that cannot carry
+        LoRA here (embedding, LM head, non-Linear)."""
+        if not isinstance(specs, dict) or not specs:
+            raise TypeError("specs must be a non-empty dict {name: lmf.LoRASpec(...)}, got "
+                            f"{type(specs).__name__} {specs!r}")
+        lib = cls()
+        for name, spec in specs.items():
+            lib.add_new(name, model, spec, seed=seed)
+        return lib
+
+    def add_new(self, name: str, model, spec, seed: int = 0) -> None:
+        """Add one new adapter for ``model`` from ``spec`` (a ``lmf.LoRASpec``), as
+        :meth:`create` does."""
+        from .training import create_factors
+
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, "
+                             f"got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already in the library")
+        factors, cfg = create_factors(model, name, spec, seed)
+        self.add(name, factors, config=cfg)
+
+    def add(self, name: str, factors: dict[str, LoRAFactors], *, config: dict | None = None
+            ) -> None:
         """Add an adapter from ``{module_path: LoRAFactors}``. Patched models pick it up at once.
 
         Atomic: the factors are validated first (floating-point tensors A [r, K] and B [N, r],
@@ -300,6 +351,8 @@ class AdapterLibrary:
         adapter is committed and the modules it newly targets are patched; if anything fails it
         raises AdapterError and the library and the patched models are left as they were.
         A rank-0 factor (A [0, K], B [N, 0]) is accepted and contributes nothing.
+        ``config``: the adapter's peft LoraConfig as a dict, written back by :meth:`save_peft`
+        (without one, save_peft derives a config that reproduces the factors exactly).
         """
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, "
@@ -315,12 +368,15 @@ class AdapterLibrary:
             self._check_fits(name, factors)
             models = [(m, dict(_state(m).patched)) for m in self._patched_models()]
             self._adapters[name] = factors
+            if config is not None:
+                self._configs[name] = dict(config)
             self._bump()
             try:
                 for model, _ in models:
                     _extend_patch(model, self)
             except BaseException:
                 del self._adapters[name]
+                self._configs.pop(name, None)
                 self._bump()
                 for model, before in models:
                     _unpatch_new(model, before)
@@ -362,6 +418,8 @@ class AdapterLibrary:
             raise KeyError(f"adapter {name!r} is not in the library (have {list(self._adapters)})")
         with self._lock:
             del self._adapters[name]
+            self._configs.pop(name, None)
+            self._live.discard(name)
             self._bump()
 
     def _bump(self):
@@ -417,16 +475,189 @@ class AdapterLibrary:
 
     def stack(self, module: str, dtype: torch.dtype, device) -> ModuleStack | None:
         """The padded stack of every adapter for ``module`` (cached until the library changes);
-        None when no adapter targets the module (or every one that does has rank 0)."""
+        None when no adapter targets the module (or every one that does has rank 0).
+
+        Trainable adapters (:meth:`parameters`): with grad enabled the stack is assembled from
+        their factors in each call (differentiable, padding not stored); without grad the cached
+        stack is rebuilt whenever one of their factors changed in place since it was built."""
+        if self._live:
+            live = self._live_factors(module)
+            if live:
+                return self._live_stack(module, dtype, device, live)
         key = (module, dtype, device)
         try:
             return self._stacks[key]
         except KeyError:
             pass
         with self._lock:
+            if self._mark_live(module):  # factors that require grad train through this stack
+                return self.stack(module, dtype, device)
             if key not in self._stacks:
-                self._stacks[key] = self._build_stack(module, dtype, torch.device(device))
+                with torch.no_grad():
+                    self._stacks[key] = self._build_stack(module, dtype, torch.device(device))
             return self._stacks[key]
+
+    def _live_factors(self, module: str) -> tuple:
+        """``((id, LoRAFactors), ...)`` of the live adapters on ``module`` (cached per version)."""
+        m = self._stacks.get(_LIVE_MAP)
+        if m is None:
+            with self._lock:
+                m = {}
+                for i, n in enumerate(self.names):
+                    if n in self._live:
+                        for mod, f in self._adapters[n].items():
+                            m.setdefault(mod, []).append((i, f))
+                m = {k: tuple(v) for k, v in m.items()}
+                self._stacks[_LIVE_MAP] = m
+        return m.get(module, ())
+
+    def _mark_live(self, module: str) -> bool:
+        """Make live the adapters whose factors on ``module`` require grad (set by hand rather
+        than through :meth:`parameters`); True if there was one."""
+        new = {n for n, fs in self._adapters.items() if n not in self._live and module in fs
+               and (fs[module].A.requires_grad or fs[module].B.requires_grad)}
+        if new:
+            self._live |= new
+            self._stacks.pop(_LIVE_MAP, None)
+        return bool(new)
+
+    def _live_stack(self, module, dtype, device, live) -> ModuleStack | None:
+        key = (module, dtype, device)
+        vkey = (module, dtype, device, "versions")
+        versions = tuple((f.A._version, f.B._version) for _, f in live)  # read before building
+        base = self._stacks.get(key, False)
+        if base is False or self._stacks.get(vkey) != versions:
+            with self._lock, torch.no_grad():
+                base = self._build_stack(module, dtype, torch.device(device))
+                self._stacks[key] = base
+                self._stacks[vkey] = versions
+        if base is None or not torch.is_grad_enabled():
+            return base
+        train = [(i, f) for i, f in live if f.A.requires_grad or f.B.requires_grad]
+        if not train:
+            return base
+        import torch.nn.functional as F
+
+        dev = base.A.device
+        R = base.max_rank
+        As = torch.stack([F.pad(f.A.to(device=dev, dtype=dtype), (0, 0, 0, R - f.rank))
+                          for _, f in train])
+        Bs = torch.stack([F.pad(f.B.to(device=dev, dtype=dtype), (0, R - f.rank))
+                          for _, f in train])
+        if len(train) == len(base.names):
+            A, B = As, Bs
+        else:
+            ikey = (module, dtype, device, "ids", tuple(i for i, _ in train))
+            ids = self._stacks.get(ikey)
+            if ids is None:
+                ids = self._stacks[ikey] = torch.tensor(ikey[-1], dtype=torch.long, device=dev)
+            A = base.A.index_copy(0, ids, As)
+            B = base.B.index_copy(0, ids, Bs)
+        return ModuleStack(base.names, A, B, base.scale, base.rank)
+
+    # ---- training --------------------------------------------------------------------------
+    def _names_arg(self, names) -> list:
+        if names is None:
+            return list(self.names)
+        if isinstance(names, str):
+            names = [names]
+        try:
+            names = list(names)
+        except TypeError:
+            raise TypeError(f"names must be a list of adapter names (or None for all), got "
+                            f"{type(names).__name__} {names!r}") from None
+        for n in names:
+            if n == BASE:
+                raise KeyError(f"{BASE!r} is the base model, not an adapter; it has no parameters")
+            if n not in self._adapters:
+                raise KeyError(f"unknown adapter {n!r}; the library has {list(self.names)}")
+        return list(dict.fromkeys(names))
+
+    def named_parameters(self, names=None) -> list[tuple[str, torch.Tensor]]:
+        """As :meth:`parameters`, with peft's names ``"<module>.lora_A.<adapter>.weight"``."""
+        names = self._names_arg(names)
+        out = []
+        with self._lock:
+            for n in names:
+                fs = self._adapters[n]
+                for mod in sorted(fs):
+                    f = fs[mod]
+                    if f.rank == 0:
+                        continue
+                    if not (f.A.is_leaf and f.B.is_leaf):  # optimizers take leaves only
+                        f = fs[mod] = LoRAFactors(f.A.detach(), f.B.detach(), f.scale)
+                    f.A.requires_grad_(True)
+                    f.B.requires_grad_(True)
+                    out.append((f"{mod}.lora_A.{n}.weight", f.A))
+                    out.append((f"{mod}.lora_B.{n}.weight", f.B))
+                self._live.add(n)
+            self._stacks.pop(_LIVE_MAP, None)
+        for n in names:
+            p = (self._configs.get(n) or {}).get("lora_dropout") or 0
+            if p:
+                warnings.warn(f"adapter {n!r} is configured with lora_dropout={p}; loramix_fast "
+                              "trains it without dropout", stacklevel=3)
+        return out
+
+    def parameters(self, names=None) -> list[torch.Tensor]:
+        """The factors of adapters ``names`` (None: all), ``A [r, K]`` and ``B [N, r]`` per
+        module, as leaf tensors with ``requires_grad``, for any torch optimizer.
+
+        They are the library's own storage: an optimizer step updates the adapters every patched
+        model serves (the stacks follow, see :meth:`stack`). Rows of one batch may use different
+        adapters (``adapter_names``); one backward gives each adapter the gradient of its own rows
+        and ``"__base__"`` rows give none. Adapters not named here keep ``requires_grad`` as it
+        was and are not in the list, so an optimizer (weight decay included) never touches them;
+        :meth:`freeze` stops their gradients. In-place updates through ``.data`` bypass the
+        version counters the stacks are checked with: call :meth:`refresh` after them."""
+        return [t for _, t in self.named_parameters(names)]
+
+    def freeze(self, names=None) -> None:
+        """Stop gradients to adapters ``names`` (None: all); their tensors stay the same objects."""
+        for n in self._names_arg(names):
+            for f in self._adapters[n].values():
+                f.A.requires_grad_(False)
+                f.B.requires_grad_(False)
+
+    def refresh(self) -> None:
+        """Drop every cached stack (after changing factors in place out of autograd's sight,
+        e.g. through ``.data``)."""
+        with self._lock:
+            self._bump()
+
+    def save_peft(self, name: str, folder) -> None:
+        """Write adapter ``name`` as a peft folder (``adapter_config.json`` +
+        ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, folder)`` loads
+        with the same outputs. An adapter loaded from peft keeps its config (alpha, rank and alpha
+        patterns, rsLoRA, target modules); one made by :meth:`create` gets its spec's."""
+        from .training import peft_config, write_peft
+
+        if name not in self._adapters:
+            raise KeyError(f"unknown adapter {name!r}; the library has {list(self.names)}")
+        factors = self._adapters[name]
+        cfg = self._configs.get(name)
+        if cfg is None:
+            cfg = peft_config(factors)
+        try:
+            write_peft(folder, factors, cfg)
+        except AdapterError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
+
+    def to(self, device=None, dtype=None) -> "AdapterLibrary":
+        """Move every adapter's factors (e.g. to the model's GPU before training); returns self.
+        Not after :meth:`parameters` (an optimizer would hold the old tensors)."""
+        if isinstance(device, torch.dtype):  # lib.to(torch.float64)
+            device, dtype = None, device
+        if self._live:
+            raise RuntimeError("lib.to() after lib.parameters(): optimizers hold the old tensors; "
+                               "move the library before handing out its parameters")
+        with self._lock:
+            for fs in self._adapters.values():
+                for mod, f in fs.items():
+                    fs[mod] = LoRAFactors(f.A.to(device=device, dtype=dtype),
+                                          f.B.to(device=device, dtype=dtype), f.scale)
+            self._bump()
+        return self
 
     def _build_stack(self, module, dtype, device) -> ModuleStack:
         names = self.names

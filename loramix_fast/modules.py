@@ -93,6 +93,8 @@ class MultiLoRALinear(nn.Module):
         lib = self._lmf_state.lib
         if dtype is not None and dtype != w.dtype:
             return lib.stack(self.lmf_name, dtype, w.device)
+        if lib._live:  # trainable adapters: the library follows their in-place updates itself
+            return lib.stack(self.lmf_name, w.dtype, w.device)
         c = self._lmf_cache
         if c is None or c[0] != lib.version or c[1] != w.dtype or c[2] != w.device:
             c = (lib.version, w.dtype, w.device, lib.stack(self.lmf_name, w.dtype, w.device))

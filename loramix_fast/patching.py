@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import BASE, AdapterError, AdapterLibrary
 from .context import _GENERATING, _ROUTE_CACHE, _SELECTION, Selection
 from .modules import MultiLoRALinear
+from .training import keep_context_in_checkpoints
 
 __all__ = ["patch", "unpatch", "use_adapters", "set_router", "PATCH_TABLE", "is_patched"]
 
@@ -293,6 +294,8 @@ def _pre_hook(model, args, kwargs):
         if st.router is not None and _ROUTE_CACHE.get() is None:  # routers' per-forward cache
             resets.append((_ROUTE_CACHE, _ROUTE_CACHE.set({})))
         sel = _SELECTION.get()
+        if model.training and torch.is_grad_enabled():  # HF recomputes layers in the backward
+            keep_context_in_checkpoints(model)
         shape = _input_shape(args, kwargs)
         if sel is not None and sel.state is st:
             if shape is not None:  # check the names against the batch now, build the map once
