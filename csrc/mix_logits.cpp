@@ -16,7 +16,14 @@
 //     Scores: stored. Greedy: a running (value, index) per lane, ties to the lowest index.
 //     Sample: scores go to a per-row scratch; a barrier; p = exp((s - max) / T) in place, with
 //     per-block sums; a barrier; thread 0 picks the first token whose cumulative mass exceeds u * sum.
-// Experts with weight 0 (negative too in "probs") are never read. exp and log are vectorized
+// Experts with weight 0 (negative too in "probs") are never read.
+// Non-finite logits (the semantics of reference.mix_logits): "logits" is plain IEEE arithmetic.
+// "probs": -inf has probability 0; +inf is read as FLT_MAX, and an expert whose max is FLT_MAX (a
+// "top" expert) puts its mass on those tokens only (every other token of it is -inf, not the huge
+// negative x - FLT_MAX); a NaN in a used expert makes the whole row NaN (flagged in phase 1).
+// Greedy and sampling pick the first NaN token of a row holding NaN scores (torch.argmax); a row
+// with +inf scores ("logits" mode) samples uniformly among its +inf tokens.
+// exp and log are vectorized
 // polynomials (Cephes expf / logf, about 1 ulp) on GCC vector extensions: AVX-512 with -march=native,
 // AVX2 or SSE elsewhere.
 #include <ATen/ATen.h>
@@ -34,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -169,21 +177,42 @@ struct Args {
   float inv_t;              // 1 / temperature (kSample)
 };
 
-// One vector of mixed scores at tokens [v, v + n) of row b. k: per-expert offsets (probs) or weights
-// (logits) for the experts in act.
+// "probs" loads: +inf is read as FLT_MAX (see the header); NaN and -inf stay.
 template <typename T>
+static inline __attribute__((always_inline)) vf loadp(const T* p, int64_t n) {
+  const vf x = load(p, n, -kInf);
+  return x == splat(kInf) ? splat(FLT_MAX) : x;
+}
+
+// a = (z - mz) + k of one expert ("probs"): mz its max, k = log w - log sum exp(z - mz). A top
+// expert (mz = FLT_MAX: it holds +inf) gives -inf to every token below its max.
+template <typename T>
+static inline __attribute__((always_inline)) vf term(const T* p, int64_t n, float mz, float k) {
+  const vf x = loadp(p, n);
+  const vf a = (x - mz) + k;
+  if (__builtin_expect(mz == FLT_MAX, 0)) return x == splat(FLT_MAX) ? a : splat(-kInf);
+  return a;
+}
+
+// One vector of mixed scores at tokens [v, v + n) of row b. k: per-expert offsets (probs) or weights
+// (logits) for the experts in act. TOP: some expert of the row holds +inf (the exact, slower terms).
+template <bool TOP, typename T>
 static inline __attribute__((always_inline)) vf mixed(const T* zb, int64_t se, const int* act, const float* k,
                                                       const float* mz, int nact, bool probs, int64_t v, int64_t n) {
   // probs: a[i] = (z - mz[i]) + k[i] with mz the expert's max (z - mz is exact near the max)
   if (probs) {
+    auto a_i = [&](int i) __attribute__((always_inline)) -> vf {
+      if constexpr (TOP) return term(zb + act[i] * se + v, n, mz[i], k[i]);
+      return (load(zb + act[i] * se + v, n, -kInf) - mz[i]) + k[i];
+    };
     if (nact == 0) return splat(-kInf);
-    if (nact == 1) return (load(zb + act[0] * se + v, n, -kInf) - mz[0]) + k[0];
+    if (nact == 1) return a_i(0);
     vf M = splat(-kInf);
-    for (int i = 0; i < nact; ++i) M = vmax(M, (load(zb + act[i] * se + v, n, -kInf) - mz[i]) + k[i]);
+    for (int i = 0; i < nact; ++i) M = vmax(M, a_i(i));
     vi dead = M == splat(-kInf);
     vf Mc = vmax(M, splat(-FLT_MAX));
     vf S = vf{};
-    for (int i = 0; i < nact; ++i) S += vexp((load(zb + act[i] * se + v, n, -kInf) - mz[i]) + k[i] - Mc);
+    for (int i = 0; i < nact; ++i) S += vexp(a_i(i) - Mc);
     return dead ? splat(-kInf) : Mc + vlog(S);  // S in [1, nact] where M is finite
   }
   vf acc = vf{};
@@ -214,11 +243,14 @@ void run(const T* z, const Args& a) {
   std::vector<double> part(std::max(2, nt_req) * (size_t)nt_req * E * 2);  // [parity or t][t][e][max, sum]
   std::vector<float> gval((size_t)B * nt_req, -kInf);          // greedy partials [b][t]
   std::vector<int32_t> gidx((size_t)B * nt_req, INT_MAX);
+  std::vector<int32_t> gnan((size_t)B * nt_req, INT_MAX);  // first NaN token (greedy partials)
   std::vector<float> scratch, smax;
+  std::vector<int32_t> snan;
   std::vector<double> bsum;
   if (a.task == kSample) {  // [thread (whole rows) or parity (split rows)][...]
     scratch.resize(std::max(2, nt_req) * (size_t)Vpad);
     smax.resize(std::max(2, nt_req) * (size_t)nt_req);
+    snan.resize(std::max(2, nt_req) * (size_t)nt_req);
     bsum.resize(std::max(2, nt_req) * (size_t)nblk);
   }
 
@@ -256,20 +288,30 @@ void run(const T* z, const Args& a) {
         if (a.probs ? we > 0.f : we != 0.f) { act[nact] = (int)e; k[nact] = we; wsum += we; ++nact; }
       }
       const bool cached = a.probs && nact > 1;
+      bool row_nan = false, row_top = false;
 
       if (a.probs && nact > 0) {
         // ---- phase 1: per expert, a sequential stream of blocks; one pass per block: exps
         // relative to the running max `off` (exp(x - off) <= e^64 cannot overflow; a block that
         // jumps higher is redone), the block max alongside; the next block is prefetched
-        for (int i = 0; i < nact; ++i) {
+        // EXACT = false: plain loads, only noting whether a lane saw NaN or +inf (one compare per
+        // vector); such an expert (rare) is redone with EXACT = true: +inf read as FLT_MAX, NaN flagged.
+        auto expert_slice = [&](int i, auto exact_tag) -> bool {
+          constexpr bool EXACT = decltype(exact_tag)::value;
           const T* p = zb + act[i] * a.se;
           double mi = -INFINITY, si = 0.0;
           float off = -kInf;
+          vi nanv = vi{};         // EXACT: lanes that saw a NaN logit
+          vi fine = splati(-1);   // fast: lanes that saw only x < +inf
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
             if (!(off > -kInf)) {  // no finite logit yet: this block's max is the offset
               vf mx = splat(-kInf);
-              for (int64_t v = v0; v < v1; v += kW) mx = vmax(mx, load(p + v, v1 - v, -kInf));
+              for (int64_t v = v0; v < v1; v += kW) {
+                const vf x = EXACT ? loadp(p + v, v1 - v) : load(p + v, v1 - v, -kInf);
+                if constexpr (EXACT) nanv |= x != x; else fine &= x < splat(kInf);
+                mx = vmax(mx, x);
+              }
               off = hmax(mx);
               if (!(off > -kInf)) {
                 if (cached) bmax[(size_t)i * nb + (blk - b0)] = -kInf;
@@ -285,7 +327,8 @@ void run(const T* z, const Args& a) {
               acc = vf{};
               for (int64_t v = v0; v < v1; v += kW) {
                 __builtin_prefetch(p + v + kBlk, 0, 0);
-                const vf x = load(p + v, v1 - v, -kInf);
+                const vf x = EXACT ? loadp(p + v, v1 - v) : load(p + v, v1 - v, -kInf);
+                if constexpr (EXACT) nanv |= x != x; else fine &= x < splat(kInf);
                 mx = vmax(mx, x);
                 const vf e = vexp(x - offv);
                 acc += e;
@@ -301,17 +344,31 @@ void run(const T* z, const Args& a) {
             si += bs * std::exp((double)off - mi);
             if (bm > off) off = bm;
           }
+          if constexpr (!EXACT) {
+            int all = -1;
+            for (int l = 0; l < kW; ++l) all &= fine[l];
+            if (!all) return false;
+          }
+          int anynan = 0;
+          for (int l = 0; l < kW; ++l) anynan |= nanv[l];
           m[i] = mi;
-          s[i] = si;
-        }
+          s[i] = anynan ? (double)NAN : si;  // a NaN sum flags the expert (checked below)
+          return true;
+        };
+        for (int i = 0; i < nact; ++i)
+          if (!expert_slice(i, std::false_type{})) expert_slice(i, std::true_type{});
         double* pp = part.data() + ((size_t)par * nt_req + t) * E * 2;
         for (int i = 0; i < nact; ++i) { pp[2 * i] = m[i]; pp[2 * i + 1] = s[i]; }
         if (split) {
 #pragma omp barrier
         }
+        // a NaN in any slice of a used expert: the whole row is NaN
+        for (int i = 0; i < nact && !row_nan; ++i)
+          for (int tt = g0; tt < g0 + gsz; ++tt)
+            if (std::isnan(part[((size_t)par * nt_req + tt) * E * 2 + 2 * i + 1])) row_nan = true;
         // combine the slices: lse of each expert; experts that are -inf everywhere drop out
         int keep = 0;
-        for (int i = 0; i < nact; ++i) {
+        for (int i = 0; i < nact && !row_nan; ++i) {
           double M = -INFINITY;
           for (int tt = g0; tt < g0 + gsz; ++tt)
             M = std::max(M, part[((size_t)par * nt_req + tt) * E * 2 + 2 * i]);
@@ -335,17 +392,24 @@ void run(const T* z, const Args& a) {
           k[keep] = (float)(std::log((double)k[i]) - std::log(S));
           ++keep;
         }
-        nact = keep;
+        nact = row_nan ? 0 : keep;
+        for (int i = 0; i < nact; ++i) row_top |= mz[i] == FLT_MAX;
       }
       const bool use_cache = cached && nact > 1;
       // "logits": the block's weighted sum, expert by expert (sequential streams, L1 accumulator)
       const bool lsum = !a.probs && nact > 0;
       const vf thr = splat(1e-20f * wsum);
 
+      auto mix = [&](int64_t v, int64_t n) __attribute__((always_inline)) -> vf {
+        if (__builtin_expect(row_top, 0))
+          return mixed<true>(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
+        return mixed<false>(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
+      };
       // mixed scores at tokens [v, v + n) of this slice's block blk
       auto scores = [&](int64_t blk, int64_t v, int64_t n) __attribute__((always_inline)) -> vf {
+        if (__builtin_expect(row_nan, 0)) return splat(NAN);
         if (lsum) { vf x; std::memcpy(&x, lbuf.data() + (v - blk * kBlk), sizeof(x)); return x; }
-        if (!use_cache) return mixed(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
+        if (!use_cache) return mix(v, n);
         vf S = vf{};
         const float* c = cache.data() + (size_t)(blk - b0) * kBlk + (v - blk * kBlk);
         for (int i = 0; i < nact; ++i) {
@@ -354,7 +418,7 @@ void run(const T* z, const Args& a) {
         }
         // tokens unlikely under every expert (the cache underflows): the log-domain formula
         if (__builtin_expect(any_lt(S, thr), 0)) {
-          vf y = mixed(zb, a.se, act.data(), k.data(), mz.data(), nact, a.probs, v, n);
+          vf y = mix(v, n);
           return S < thr ? y : vlog(S);
         }
         return vlog(S);
@@ -404,6 +468,7 @@ void run(const T* z, const Args& a) {
       } else if (a.task == kGreedy) {
         vf bv = splat(-kInf);
         vi bi = splati(INT_MAX);
+        vi ni = splati(INT_MAX);  // first NaN token per lane (NaN wins, as in torch.argmax)
         for (int64_t j = 0; j < nb; ++j) {
           const int64_t blk = rev ? b1 - 1 - j : b0 + j;
           block_coefs(blk);
@@ -415,43 +480,63 @@ void run(const T* z, const Args& a) {
             vi upd = (x > bv) | ((x == bv) & (iv < bi));
             bv = upd ? x : bv;
             bi = upd ? iv : bi;
+            ni = (x != x) & (iv < ni) ? iv : ni;
           }
         }
         float best = -kInf;
-        int32_t bidx = INT_MAX;
-        for (int l = 0; l < kW; ++l)
+        int32_t bidx = INT_MAX, nidx = INT_MAX;
+        for (int l = 0; l < kW; ++l) {
           if (bv[l] > best || (bv[l] == best && bi[l] < bidx)) { best = bv[l]; bidx = bi[l]; }
+          nidx = std::min(nidx, ni[l]);
+        }
         gval[(size_t)b * nt_req + gt] = best;
         gidx[(size_t)b * nt_req + gt] = bidx;
+        gnan[(size_t)b * nt_req + gt] = nidx;
       } else {  // kSample
         float* sc = scratch.data() + (size_t)par * Vpad;
         vf mx = splat(-kInf);
+        vi ni = splati(INT_MAX);  // first NaN score per lane: a row holding NaN gives that token
         for (int64_t j = 0; j < nb; ++j) {
           const int64_t blk = rev ? b1 - 1 - j : b0 + j;
           block_coefs(blk);
           const int64_t v0 = blk * kBlk, v1 = std::min(V, v0 + kBlk);
           for (int64_t v = v0; v < v0 + kBlk; v += kW) {
             vf x = v < v1 ? scores(blk, v, v1 - v) : splat(-kInf);
-            x = (lane + (int32_t)v) < splati((int32_t)v1) ? x : splat(-kInf);
+            const vi iv = lane + (int32_t)v;
+            x = iv < splati((int32_t)v1) ? x : splat(-kInf);
+            ni = (x != x) & (iv < ni) ? iv : ni;
             mx = vmax(mx, x);
             std::memcpy(sc + v, &x, sizeof(x));
           }
         }
+        int32_t nidx = INT_MAX;
+        for (int l = 0; l < kW; ++l) nidx = std::min(nidx, ni[l]);
         smax[(size_t)par * nt_req + t] = hmax(mx);
+        snan[(size_t)par * nt_req + t] = nidx;
         if (split) {
 #pragma omp barrier
         }
         float G = -kInf;
-        for (int tt = g0; tt < g0 + gsz; ++tt) G = std::max(G, smax[(size_t)par * nt_req + tt]);
+        int32_t first_nan = INT_MAX;
+        for (int tt = g0; tt < g0 + gsz; ++tt) {
+          G = std::max(G, smax[(size_t)par * nt_req + tt]);
+          first_nan = std::min(first_nan, snan[(size_t)par * nt_req + tt]);
+        }
         double* bs = bsum.data() + (size_t)par * nblk;
-        if (G > -kInf) {
+        if (G > -kInf && first_nan == INT_MAX) {
           const vf Gv = splat(G), it = splat(a.inv_t);
+          const bool top = G == kInf;  // +inf scores: uniform over the +inf tokens
           for (int64_t blk = b1 - 1; blk >= b0; --blk) {
             vf acc = vf{};
             for (int64_t v = blk * kBlk; v < (blk + 1) * kBlk; v += kW) {
               vf x; std::memcpy(&x, sc + v, sizeof(x));
-              vf p = vexp((x - Gv) * it);
-              p = x == splat(-kInf) ? vf{} : p;
+              vf p;
+              if (top) {
+                p = x == splat(kInf) ? splat(1.f) : vf{};
+              } else {
+                p = vexp((x - Gv) * it);
+                p = x == splat(-kInf) ? vf{} : p;
+              }
               acc += p;
               std::memcpy(sc + v, &p, sizeof(p));
             }
@@ -463,7 +548,9 @@ void run(const T* z, const Args& a) {
         }
         if (gt == 0) {
           int64_t pick = 0;
-          if (G > -kInf) {
+          if (first_nan != INT_MAX) {
+            pick = first_nan;
+          } else if (G > -kInf) {
             double total = 0.0;
             for (int64_t blk = 0; blk < nblk; ++blk) total += bs[blk];
             const double target = (double)a.u[b] * total;
@@ -497,12 +584,14 @@ void run(const T* z, const Args& a) {
   if (a.task == kGreedy) {
     for (int64_t b = 0; b < B; ++b) {
       float best = -kInf;
-      int32_t bidx = INT_MAX;
+      int32_t bidx = INT_MAX, nidx = INT_MAX;
       for (int tt = 0; tt < nt_req; ++tt) {
         const float x = gval[(size_t)b * nt_req + tt];
         const int32_t i = gidx[(size_t)b * nt_req + tt];
         if (x > best || (x == best && i < bidx)) { best = x; bidx = i; }
+        nidx = std::min(nidx, gnan[(size_t)b * nt_req + tt]);
       }
+      if (nidx != INT_MAX) bidx = nidx;
       a.tok[b] = bidx == INT_MAX ? 0 : bidx;
     }
   }

@@ -14,6 +14,11 @@ Split-V design, so that a few sequences still fill the GPU: the grid is (B, NCHU
        (the second read of the block hits L1/L2). TASK 0 stores the scores; TASK 1 keeps a running
        argmax and stores one (value, index) per chunk, reduced in torch (ties -> lowest id).
 Experts with weight 0 are masked out of the loads, so their logits are never read.
+Non-finite logits follow ``reference.mix_logits``: "logits" is IEEE arithmetic; in "probs" +inf is
+read as FLT_MAX and an expert whose max is FLT_MAX (it holds +inf) gives -inf to every other token
+(all its mass on its +inf tokens, split equally), -inf is probability 0, and a NaN in a used expert
+(flagged as a NaN partial sum by kernel 1) makes the row NaN. Greedy: a chunk holding NaN reports
+its first NaN token with value NaN, and NaN wins the reduction (torch.argmax).
 Sampling on GPUs runs ``sample_from_scores`` (torch) on the kernel's scores.
 """
 from __future__ import annotations
@@ -23,6 +28,9 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
+NAN = tl.constexpr(float("nan"))
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # +inf logits are read as this ("probs")
 _INT_MAX = 2**31 - 1
 INT_MAX = tl.constexpr(_INT_MAX)
 
@@ -44,9 +52,12 @@ def _mix_logits_stats_kernel(
         base = z_ptr + b * stride_zb + e * stride_ze
         m_vec = tl.full([BLOCK], NEG_INF, tl.float32)
         s_vec = tl.zeros([BLOCK], tl.float32)
+        n_vec = tl.zeros([BLOCK], tl.int32)  # NaN logits seen per lane
         for v0 in range(c * CHUNK, (c + 1) * CHUNK, BLOCK):
             idx = v0 + offs
             x = tl.load(base + idx, mask=idx < lim, other=NEG_INF).to(tl.float32)
+            n_vec += (x != x).to(tl.int32)
+            x = tl.where(x != x, NEG_INF, tl.where(x == POS_INF, FLT_MAX, x))
             m_new = tl.maximum(m_vec, x)
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             s_vec = s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
@@ -54,6 +65,7 @@ def _mix_logits_stats_kernel(
         m = tl.max(m_vec, axis=0)
         m_safe = tl.where(m == NEG_INF, 0.0, m)
         s = tl.sum(s_vec * tl.exp(m_vec - m_safe), axis=0)
+        s = tl.where(tl.sum(n_vec, axis=0) > 0, NAN, s)  # flags the expert as NaN
         tl.store(pm_ptr + (b * E + e) * NCHUNK + c, m)
         tl.store(ps_ptr + (b * E + e) * NCHUNK + c, s)
 
@@ -82,11 +94,15 @@ def _mix_logits_fwd_kernel(
         M_safe = tl.where(M == NEG_INF, 0.0, M)
         S = tl.sum(ps * tl.exp(pm - M_safe[:, None]), axis=1)
         wv = tl.load(w_ptr + b * E + e_ar, mask=e_ar < E, other=0.0).to(tl.float32)
+        # a used expert holding NaN (a NaN partial sum): the whole row is NaN
+        row_nan = tl.sum(((wv > 0) & (tl.sum((ps != ps).to(tl.int32), axis=1) > 0)).to(tl.int32),
+                         axis=0) > 0
         alive = (wv > 0) & (M > NEG_INF) & (S > 0)
         # a = (z - M) + (log w - log S): z - M is exact near the max, so huge logits stay accurate
         kv = tl.where(alive, tl.log(tl.where(alive, wv, 1.0)) - tl.log(tl.where(alive, S, 1.0)), NEG_INF)
     best_v = tl.full([BLOCK], NEG_INF, tl.float32)
     best_i = tl.full([BLOCK], INT_MAX, tl.int32)
+    nan_i = tl.full([BLOCK], INT_MAX, tl.int32)  # first NaN token per lane
     for v0 in range(c * CHUNK, (c + 1) * CHUNK, BLOCK):
         idx = v0 + offs
         inb = idx < V
@@ -98,7 +114,10 @@ def _mix_logits_fwd_kernel(
                 lim = tl.where(k > NEG_INF, V, 0)
                 x = tl.load(z_ptr + b * stride_zb + e * stride_ze + idx, mask=idx < lim,
                             other=NEG_INF).to(tl.float32)
-                mx = tl.maximum(mx, (x - me) + k)
+                x = tl.where(x == POS_INF, FLT_MAX, x)
+                a = (x - me) + k
+                a = tl.where(x != FLT_MAX, tl.where(me == FLT_MAX, NEG_INF, a), a)  # top expert
+                mx = tl.maximum(mx, a)
             mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
             acc = tl.zeros([BLOCK], tl.float32)
             for e in range(E):
@@ -107,8 +126,12 @@ def _mix_logits_fwd_kernel(
                 lim = tl.where(k > NEG_INF, V, 0)
                 x = tl.load(z_ptr + b * stride_zb + e * stride_ze + idx, mask=idx < lim,
                             other=NEG_INF).to(tl.float32)
-                acc += tl.exp((x - me) + k - mx_safe)
+                x = tl.where(x == POS_INF, FLT_MAX, x)
+                a = (x - me) + k
+                a = tl.where(x != FLT_MAX, tl.where(me == FLT_MAX, NEG_INF, a), a)  # top expert
+                acc += tl.exp(a - mx_safe)
             val = tl.where(mx == NEG_INF, NEG_INF, mx_safe + tl.log(tl.where(acc > 0, acc, 1.0)))
+            val = tl.where(row_nan, NAN, val)
         else:
             val = tl.zeros([BLOCK], tl.float32)
             for e in range(E):
@@ -124,11 +147,14 @@ def _mix_logits_fwd_kernel(
             upd = val > best_v  # token ids grow along the loop: strict > keeps the first
             best_v = tl.where(upd, val, best_v)
             best_i = tl.where(upd, idx, best_i)
+            nan_i = tl.minimum(nan_i, tl.where(val != val, idx, INT_MAX))
     if TASK == 1:
         m = tl.max(best_v, axis=0)
         i = tl.min(tl.where(best_v == m, best_i, INT_MAX), axis=0)
-        tl.store(gv_ptr + b * NCHUNK + c, m)
-        tl.store(gi_ptr + b * NCHUNK + c, i)
+        ni = tl.min(nan_i, axis=0)
+        has_nan = ni < INT_MAX
+        tl.store(gv_ptr + b * NCHUNK + c, tl.where(has_nan, NAN, m))
+        tl.store(gi_ptr + b * NCHUNK + c, tl.where(has_nan, ni, i))
 
 
 # --- launchers ---------------------------------------------------------------------------------------
@@ -202,9 +228,12 @@ def mix_logits_greedy_triton(logits: torch.Tensor, weights: torch.Tensor, mode: 
     _, gv, gi = _launch(logits, weights, mode, 1, block, chunk)
     if gv.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.int64, device=logits.device)
-    m = gv.amax(dim=1, keepdim=True)
     big = _INT_MAX
+    nan = torch.isnan(gv)  # a chunk holding NaN: its first NaN token, and NaN wins (torch.argmax)
+    m = torch.where(nan, torch.full_like(gv, float("-inf")), gv).amax(dim=1, keepdim=True)
     tok = torch.where(gv == m, gi, torch.full_like(gi, big)).amin(dim=1)
+    tok_nan = torch.where(nan, gi, torch.full_like(gi, big)).amin(dim=1)
+    tok = torch.where(nan.any(dim=1), tok_nan, tok)
     return torch.where(tok == big, torch.zeros_like(tok), tok).to(torch.int64)
 
 

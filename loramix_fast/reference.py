@@ -226,6 +226,21 @@ def mix_logits(
     Experts with weight 0 are skipped entirely (their logits may be anything, -inf or NaN included).
     In "probs" mode negative weights are ignored like zeros, and a row with no positive weight gives
     -inf everywhere. NaN is never produced from finite input.
+
+    Non-finite logits of an expert that is used (fp16 overflow, masking), on every backend:
+        mode="logits": plain IEEE arithmetic of the weighted sum: w * (+-inf) is an infinity (the
+            sign of w decides which), +inf and -inf meeting in one token give NaN there, and a NaN
+            logit makes its token NaN.
+        mode="probs", per expert e with w[b, e] > 0:
+            -inf is probability 0 (an expert whose logits are all -inf contributes nothing);
+            +inf: the expert puts all its mass on its +inf token(s), split equally among several
+                (the limit of its softmax as those logits grow together); its other tokens get 0.
+                Exactly: +inf is read as the largest float32, 3.4028235e38, so a finite float32
+                logit equal to that value ties with the +inf ones (no finite fp16 / bf16 value does);
+            NaN anywhere in its logits makes its whole distribution NaN (as ``torch.softmax``
+                does), so the row's scores are NaN everywhere.
+        Scores in "probs" mode are never +inf. ``argmax`` of scores holding NaN picks the first NaN
+        token (``torch.argmax``); see ``ops.mix_logits_greedy`` / ``sample_from_scores``.
     Shapes: logits [B, E, V], weights [B, E]. Returns [B, V] float32 (float64 with upcast).
     """
     if mode not in ("logits", "probs"):
@@ -237,14 +252,20 @@ def mix_logits(
         use = (wt != 0)[..., None]
         terms = torch.where(use, wt[..., None] * z, torch.zeros((), dtype=acc, device=z.device))
         return terms.sum(1)
+    Bn, E, V = z.shape
+    if V == 0 or E == 0:
+        return z.new_full((Bn, V), float("-inf"))
     use = wt > 0  # [B, E]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [B, E, 1]
-    logw = torch.where(use, torch.log(wt.clamp(min=torch.finfo(acc).tiny)),
-                       torch.full_like(wt, float("-inf")))
-    terms = z - lse + logw[..., None]
-    terms = torch.where(use[..., None], terms, torch.full_like(terms, float("-inf")))
-    # an expert whose logits are all -inf has lse = -inf and z - lse = NaN: it contributes nothing.
-    # (nan_to_num would also turn -inf into the lowest finite number: a row with no positive
-    # weight must stay -inf.)
-    terms = torch.where(torch.isnan(terms), torch.full_like(terms, float("-inf")), terms)
+    ninf = torch.full((), float("-inf"), dtype=acc, device=z.device)
+    top = torch.finfo(torch.float32).max
+    z = torch.where(z == float("inf"), top, z)  # +inf: the top float32
+    m = z.amax(dim=-1, keepdim=True)  # [B, E, 1]; NaN if the expert holds a NaN
+    dead = m == float("-inf")  # all -inf: the expert contributes nothing
+    zc = z - torch.where(dead, torch.zeros_like(m), m)  # exact near the max (huge logits stay exact)
+    # an expert holding +inf: probability 0 (log -inf, not about -3.4e38) below its max
+    zc = torch.where((m == top) & (z != top), ninf, zc)
+    logS = torch.log(torch.exp(zc).sum(dim=-1, keepdim=True))  # in [0, log V]; NaN propagates
+    logw = torch.log(torch.where(use, wt, torch.ones_like(wt)))
+    terms = zc - logS + logw[..., None]
+    terms = torch.where(use[..., None] & ~dead, terms, ninf)
     return torch.logsumexp(terms, dim=1)

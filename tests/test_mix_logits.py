@@ -6,6 +6,7 @@ plain-torch reference at fp32, plus a floor of a few ulps of the scores' scale.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -278,3 +279,117 @@ def test_topk_renormalize():
     torch.testing.assert_close(topk_renormalize(p[:2], 9), p[:2] / p[:2].sum(1, keepdim=True))
     with pytest.raises(ValueError, match="k"):
         topk_renormalize(p, 0)
+
+
+# --- issue 16 item 13: non-finite logits have one meaning on every backend ---------------------------
+
+INF, NAN = float("inf"), float("nan")
+
+
+def _expected(z, w, mode):
+    """Independent fp64 oracle of the documented semantics (reference.mix_logits' docstring),
+    one expert at a time in plain Python/torch."""
+    z, w = z.double(), w.double()
+    Bn, E, V = z.shape
+    out = torch.empty(Bn, V, dtype=torch.float64)
+    for b in range(Bn):
+        if mode == "logits":
+            acc = torch.zeros(V, dtype=torch.float64)
+            for e in range(E):
+                if w[b, e] != 0:
+                    acc = acc + w[b, e] * z[b, e]
+            out[b] = acc
+            continue
+        mix = torch.zeros(V, dtype=torch.float64)
+        for e in range(E):
+            if not w[b, e] > 0:
+                continue
+            ze = z[b, e]
+            if torch.isnan(ze).any():
+                mix = mix + NAN
+            elif torch.isposinf(ze).any():
+                top = torch.isposinf(ze).double()
+                mix = mix + w[b, e] * top / top.sum()
+            elif torch.isfinite(ze).any():
+                mix = mix + w[b, e] * torch.softmax(ze, 0)
+        out[b] = torch.log(mix)
+    return out
+
+
+def _inf_cases(V, dtype, seed):
+    B, E = 9, 3
+    z, w = _rand(B, E, V, dtype, seed)
+    z[0, 0, 2] = INF                        # the issue's case: one +inf logit
+    z[1, 1, [3, V - 5]] = INF               # two +inf in one expert: its mass split equally
+    z[1, 1, 0] = NEG
+    z[2, 0, :] = INF                        # +inf everywhere: uniform
+    z[3, 0, 7], z[3, 2, V - 1] = INF, INF   # +inf in two experts, different tokens
+    z[3, 2, 7] = NEG
+    z[4, 2, 11] = NAN                       # NaN in a used expert: the row is NaN
+    z[5, 1, 13], w[5, 1] = NAN, 0.0         # NaN / +inf in an unused expert: ignored
+    z[5, 2, 17], w[5, 2] = INF, 0.0
+    z[6, :, 19] = INF                       # +inf in every expert at one token
+    z[7, 1] = NEG                           # an all -inf expert next to a +inf one
+    z[7, 0, V // 2] = INF
+    z[8, 0, V // 3], z[8, 1, V // 3] = INF, NEG  # "logits": +inf + -inf = NaN at that token
+    return z, w
+
+
+def _same(got, want, rtol=1e-5):
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), "NaN pattern"
+    for sign in (torch.isposinf, torch.isneginf):
+        assert torch.equal(sign(got), sign(want)), "infinity pattern"
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[fin], want[fin], rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("V", [300, 32001])
+def test_nonfinite_logits_semantics(backend, mode, dtype, V):
+    z, w = _inf_cases(V, dtype, seed=V)
+    want = _expected(z, w, mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    _same(reference.mix_logits(z, w, mode, upcast=True), want, 1e-12)
+    _same(mix_logits(z, w, mode), want, tol)
+    if mode == "probs":
+        assert not torch.isposinf(want).any()
+        assert torch.isnan(want[4]).all() and not torch.isnan(want[torch.arange(9) != 4]).any()
+        # expert 1 of row 1 alone: its mass is on its two +inf tokens, equally
+        w1 = torch.tensor([[0.0, 0.25, 0.0]])
+        s = mix_logits(z[1:2], w1, mode)[0]
+        assert s[3].item() == s[V - 5].item() == pytest.approx(math.log(0.125), abs=1e-6)
+        assert torch.isneginf(s[torch.ones(V, dtype=torch.bool).index_fill_(0, torch.tensor([3, V - 5]), False)]).all()
+    for rows in (slice(None), slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 9)):  # split rows too
+        zz, ww = z[rows], w[rows]
+        ref = _expected(zz, ww, mode)
+        assert torch.equal(mix_logits_greedy(zz, ww, mode), ref.argmax(1)), "greedy (torch.argmax)"
+        for u in (0.0, 0.3, 0.7):  # (not next to 1: fp32 CDF rounding may move the token)
+            uu = torch.full((zz.shape[0],), u)
+            tok = mix_logits_sample(zz, ww, mode, uniforms=uu)
+            assert torch.equal(tok, sample_from_scores(ref, uu)), f"sample at u = {u}"
+
+
+def test_plus_inf_issue_case(backend):
+    """issue 16: one +inf logit made the C++ row flat (89.13 everywhere, greedy 0)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 2, 5, generator=g)
+    z[0, 0, 2] = INF
+    w = torch.tensor([[0.5, 0.5]])
+    got = mix_logits(z, w, "probs")
+    p1 = torch.softmax(z[0, 1].double(), 0)
+    want = torch.log(0.5 * p1 + 0.5 * (torch.arange(5) == 2).double())
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.exp(got.double()).sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert mix_logits_greedy(z, w, "probs").item() == 2
+
+
+def test_sample_from_scores_nonfinite_rules():
+    s = torch.tensor([[0.0, INF, 1.0, INF, -5.0],   # +inf: uniform over tokens 1 and 3
+                      [0.0, NAN, 1.0, NAN, 2.0],    # NaN: the first NaN token
+                      [NEG, NEG, NEG, NEG, NEG]])   # nothing finite: token 0
+    for u, first in ((0.0, 1), (0.49, 1), (0.5, 3), (0.99, 3)):
+        tok = sample_from_scores(s, torch.full((3,), u), temperature=0.7)
+        assert tok.tolist() == [first, 1, 0]
+        assert sample_from_scores(s, torch.full((3,), u), top_p=0.5).tolist() == [1, 1, 0]

@@ -36,13 +36,21 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor, temperature
         them in descending order (ties: lower token id first) is < top_p (HF TopPLogitsWarper: the
         smallest set of top tokens holding top_p of the mass; the top token is always kept);
         token[b] = the smallest v with sum_{v' <= v} p[b, v'] > uniforms[b] * sum_v p[b, v].
-        A row with no finite score gives token 0.
+        Non-finite scores (as ``reference.mix_logits`` defines them): -inf has probability 0; a
+        row holding +inf scores samples among its +inf tokens only, uniformly (the limit of the
+        softmax); a row holding NaN gives its first NaN token (what ``torch.argmax``, i.e. greedy,
+        picks); a row whose scores are all -inf gives token 0.
     Shapes: scores [B, V], uniforms [B] in [0, 1). Returns [B] int64. No host synchronisation.
     """
     s = scores.to(torch.float64) / temperature
-    G = s.amax(dim=1, keepdim=True)
+    G = s.amax(dim=1, keepdim=True)  # NaN when the row holds a NaN
+    nan = torch.isnan(s)
+    has_nan = nan.any(dim=1)
+    first_nan = nan.to(torch.uint8).argmax(dim=1)
     valid = G > float("-inf")
-    p = torch.exp(s - torch.where(valid, G, torch.zeros_like(G)))  # exp(-inf) = 0
+    top = G == float("inf")
+    p = torch.exp(s - torch.where(valid & ~top, G, torch.zeros_like(G)))  # exp(-inf) = 0
+    p = torch.where(top, (s == float("inf")).to(p.dtype), p)
     if top_p < 1.0:
         sp, order = torch.sort(p, dim=1, descending=True, stable=True)
         before = sp.cumsum(1) - sp
@@ -53,6 +61,7 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor, temperature
     target = uniforms.to(device=scores.device, dtype=torch.float64)[:, None] * cdf[:, -1:]
     tok = (cdf <= target).sum(1)
     tok = torch.where(valid[:, 0] & (tok < scores.shape[1]), tok, torch.zeros_like(tok))
+    tok = torch.where(has_nan, first_nan, tok)
     return tok.to(torch.int64)
 
 
@@ -129,6 +138,22 @@ def _(logits, weights, mode, uniforms, temperature, top_p):
 
 # --- public functions ------------------------------------------------------------------------------
 
+_BELOW_ONE = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
+def _check_uniforms(u: torch.Tensor) -> None:
+    """ValueError unless every uniform is in [0, 1) (NaN is not). Free for CPU tensors; one
+    device-to-host read on a GPU (not done while compiling or capturing a CUDA graph)."""
+    if u.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if u.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = ~((u >= 0) & (u < 1))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"uniforms must be in [0, 1) (one per row), got {u[i].item()} at row {i}")
+
+
 def _prepare(logits, weights, mode):
     """Validate; return logits as a [B, E, V] view (token stride 1) and weights [B, E]."""
     if mode not in _MODES:
@@ -163,7 +188,10 @@ def mix_logits(logits: torch.Tensor, weights: torch.Tensor, mode: str = "probs",
         mode="probs":  out[b] = log sum_{e: w[b,e] > 0} w[b, e] * softmax(logits[b, e])  (PELMo eq. 4)
         Experts with weight 0 are never read (their logits may be anything); in "probs" negative
         weights count as 0 and a row with no positive weight is -inf; weights need not sum to 1.
-        NaN is never produced from finite input. (= ``reference.mix_logits``.)
+        NaN is never produced from finite input. Non-finite logits follow
+        ``reference.mix_logits``'s rules on every backend (in "probs": -inf has probability 0, an
+        expert with +inf logits puts all its mass on them, split equally, NaN in a used expert
+        makes the row NaN; in "logits": IEEE arithmetic). (= ``reference.mix_logits``.)
     Shapes: logits [B, E, V] or [B*E, V] (rows b-major, as ``repeat_interleave(E)`` makes them),
         fp32 / bf16 / fp16; weights [B, E] float. Returns [B, V] float32 (written into ``out`` if
         given: a [B, V] float32 tensor on the logits' device).
@@ -185,7 +213,8 @@ def mix_logits(logits: torch.Tensor, weights: torch.Tensor, mode: str = "probs",
 
 def mix_logits_greedy(logits: torch.Tensor, weights: torch.Tensor, mode: str = "probs") -> torch.Tensor:
     """The greedy token of the mixture, fused: ``mix_logits(logits, weights, mode).argmax(1)``
-    without writing the [B, V] scores (ties go to the lowest token id, like ``torch.argmax``).
+    without writing the [B, V] scores (ties go to the lowest token id, like ``torch.argmax``; so
+    does NaN: a row whose scores hold NaN gives its first NaN token, an all -inf row token 0).
     Shapes as :func:`mix_logits`. Returns [B] int64."""
     z, w = _prepare(logits, weights, mode)
     if torch.compiler.is_compiling():
@@ -200,7 +229,9 @@ def mix_logits_sample(logits: torch.Tensor, weights: torch.Tensor, mode: str = "
     """A token sampled from the mixture: ``softmax(mix_logits(...) / temperature)``, top-p filtered
     like HF's ``TopPLogitsWarper`` (see :func:`sample_from_scores` for the exact rule).
 
-    One uniform per row is drawn with torch from ``generator`` (or passed as ``uniforms`` [B]) and
+    One uniform per row is drawn with torch from ``generator`` (or passed as ``uniforms`` [B], each
+    in [0, 1): anything else, NaN included, raises ValueError; on a GPU that check reads one flag
+    back from the device, skipped under torch.compile and CUDA-graph capture) and
     handed to the kernel, so every backend picks the same token from the same uniforms (up to
     rounding at a CDF boundary) and a seeded generator reproduces the draw. ``temperature == 0``
     is greedy. top_p = 1 is fused (no [B, V] scores in memory on the C++ backend); top_p < 1 sorts
@@ -219,7 +250,9 @@ def mix_logits_sample(logits: torch.Tensor, weights: torch.Tensor, mode: str = "
         uniforms = torch.rand(B, generator=generator, device=dev, dtype=torch.float32)
     else:
         check_tensor("uniforms", uniforms, ndim=1, dtypes=FLOAT_DTYPES, shape=(B,))
-    uniforms = uniforms.to(device=z.device, dtype=torch.float32)
+        _check_uniforms(uniforms)
+    # float32 rounds values just below 1 up to 1.0: keep them in [0, 1)
+    uniforms = uniforms.to(device=z.device, dtype=torch.float32).clamp(max=_BELOW_ONE)
     if z.shape[2] == 0:
         raise ValueError("logits has an empty vocabulary (V = 0): no token to sample")
     if torch.compiler.is_compiling():
