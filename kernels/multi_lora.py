@@ -16,7 +16,8 @@ Two kernels per call, never a second pass over y:
 2. ``_multi_lora_fwd_kernel``: the GEMM ``x @ W.T`` with ``tl.dot`` (fp32 accumulator), then the
    epilogue: for every distinct adapter e present in the (BLOCK_M rows x S slots) tile,
        acc += tl.dot(h_e, B[e, n_tile, :r_e]^T),   h_e[m] = sum_{s: idx[m,s]=e} h[m, s]
-   (h_e rows of other adapters are zero). A tile whose rows share one adapter - every tile of a
+   (h_e rows of other adapters are zero, and their products are masked out, so a NaN / inf adapter
+   never reaches a row that did not select it). A tile whose rows share one adapter - every tile of a
    grouped large-M batch but the boundary ones - does one dot; a mixed tile one per adapter it holds
    (decode, BLOCK_M = 16: up to 16 * S gathered B_e[n_tile] tiles, each read once per program, so B
    is read once per used adapter and N-tile: the memory floor). Bias is added and y stored once. The same kernel with no base GEMM, a y input and h[m, e, :] is the expand-only op
@@ -247,7 +248,15 @@ def _multi_lora_fwd_kernel(
                 b = b.to(tl.float32)
             else:
                 h_e = h_e.to(b.dtype)
-            acc = tl.dot(h_e, b, acc, input_precision=DOT_PRECISION)
+            # rows of the tile that do not use e hold h_e = 0, but 0 * (NaN or inf in B_e) is NaN:
+            # a tile whose rows all use e (grouped prefill) accumulates in the dot; a mixed tile
+            # masks the product, so an adapter never reaches a row that did not select it
+            row_use = (tl.max(sel.to(tl.int32), axis=1) > 0) | (offs >= M)
+            if tl.min(row_use.to(tl.int32), axis=0) > 0:
+                acc = tl.dot(h_e, b, acc, input_precision=DOT_PRECISION)
+            else:
+                d = tl.dot(h_e, b, input_precision=DOT_PRECISION)
+                acc += tl.where(row_use[:, None], d, 0.0)
         e = tl.min(tl.min(tl.where(ids > e, ids, _NO_ADAPTER), axis=1), axis=0)
 
     tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on,

@@ -55,7 +55,8 @@ class LoRAFactors:
 class ModuleStack:
     """Stacked factors of every adapter for one module (padded to the max rank R).
 
-    A [E, R, K], B [E, N, R], scale [E] float32, rank [E] int32; adapter id = position in ``names``.
+    A [E, R, K], B [E, N, R], scale [E] float32 (float64 for a float64 stack), rank [E] int32;
+    adapter id = position in ``names``.
     ``cache`` holds derived data (e.g. SpectR alignment) computed once per stack.
     """
 
@@ -676,7 +677,10 @@ class AdapterLibrary:
         E = len(names)
         A = torch.zeros(E, R, K, dtype=dtype, device=device)
         B = torch.zeros(E, N, R, dtype=dtype, device=device)
-        scale = torch.zeros(E, dtype=torch.float32, device=device)
+        # fp64 stacks keep the scale in fp64 (4*sqrt(2) in fp32 is off by 1e-8: an fp64 model
+        # would only be fp32-accurate)
+        scale = torch.zeros(E, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                            device=device)
         rank = torch.zeros(E, dtype=torch.int32, device=device)
         for i, f in enumerate(fs):
             if f is None:

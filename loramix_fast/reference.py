@@ -22,21 +22,30 @@ __all__ = [
 
 
 def _acc_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
-    return torch.float64 if upcast else torch.float32
+    """fp64 with ``upcast`` or for fp64 inputs (an fp64 model stays fp64-exact), fp32 otherwise."""
+    return torch.float64 if upcast or x.dtype == torch.float64 else torch.float32
 
 
 def _slot(idx, s, E, R, scale, rank, w, acc):
-    """Slot ``s`` of every row: clamped ids ec [M], coefficient w*scale (0 for no adapter) [M],
-    and the rank mask [M, R]."""
+    """Slot ``s`` of every row: clamped ids ec [M] (0 where there is no adapter), the validity
+    mask [M] bool, the coefficient w*scale [M] (0 where invalid) and the rank mask [M, R] bool
+    (False everywhere for an invalid slot).
+
+    Everything gathered through ``ec`` must be *masked* with ``torch.where``, never multiplied by
+    a zero mask: adapter 0 (what an invalid slot gathers) or the padding past an adapter's rank may
+    hold NaN / inf, and NaN * 0 = NaN would leak into rows that use no adapter. ``where`` also
+    keeps those entries out of the backward (their gradient is exactly 0, not 0 * NaN)."""
     e = idx[:, s].long()
     valid = (e >= 0) & (e < E)
     ec = torch.where(valid, e, torch.zeros_like(e))
-    coef = scale.to(acc)[ec] * valid.to(acc)
+    zero = torch.zeros((), dtype=acc, device=idx.device)
+    coef = scale.to(acc)[ec]
     if w is not None:
         coef = coef * w[:, s].to(acc)
+    coef = torch.where(valid, coef, zero)
     r_ar = torch.arange(R, device=idx.device)
-    rmask = (r_ar[None, :] < rank.to(idx.device)[ec][:, None]).to(acc)
-    return ec, coef, rmask
+    rmask = (r_ar[None, :] < rank.to(idx.device)[ec][:, None]) & valid[:, None]
+    return ec, valid, coef, rmask
 
 
 def multi_lora_linear(
@@ -61,9 +70,12 @@ def multi_lora_linear(
         e = idx[m, s]; slots with e < 0 contribute nothing.
     Shapes: x [M, K], weight [N, K], A [E, R, K], B [E, N, R], scale [E], rank [E] int,
         idx [M, S] int, w [M, S] or None (= 1), bias [N] or None. Returns y [M, N] in x.dtype
-        (float64 with ``upcast``; or ``out_dtype``); accumulation in fp32 (fp64 with ``upcast``).
+        (float64 with ``upcast``; or ``out_dtype``); accumulation in fp32 (fp64 with ``upcast`` or
+        when x is fp64).
     Rows of A beyond rank[e] and columns of B beyond rank[e] are ignored (zero padding is not
-    assumed). Gathers per row, in chunks, with no host synchronisation.
+    assumed; NaN there never reaches y), and a slot with no adapter reads nothing: a NaN or inf
+    adapter changes only the rows that select it. Ids outside [0, E) count as "no adapter" here
+    (``ops`` raises for them on CPU). Gathers per row, in chunks, with no host synchronisation.
     """
     acc = _acc_dtype(x, upcast)
     out_dtype = out_dtype or (acc if upcast else x.dtype)
@@ -77,15 +89,17 @@ def multi_lora_linear(
     if M == 0 or E == 0 or idx.shape[1] == 0:
         return y.to(out_dtype)
     chunk = max(1, (1 << 22) // max(1, N * R))  # bound the [chunk, N, R] gather
+    zero = torch.zeros((), dtype=acc, device=x.device)
     for s in range(idx.shape[1]):
-        ec, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)  # [M], [M], [M, R]
+        ec, valid, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)  # [M], [M], [M], [M, R]
         for m0 in range(0, M, chunk):
             sl = slice(m0, m0 + chunk)
-            Ae = A[ec[sl]].to(acc)  # [m, R, K]
-            h = torch.bmm(Ae, xa[sl, :, None])[..., 0] * rmask[sl]  # [m, R]
-            Be = B[ec[sl]].to(acc)  # [m, N, R]
+            rm = rmask[sl]
+            Ae = torch.where(rm[:, :, None], A[ec[sl]].to(acc), zero)  # [m, R, K]
+            h = torch.bmm(Ae, xa[sl, :, None])[..., 0]  # [m, R]
+            Be = torch.where(rm[:, None, :], B[ec[sl]].to(acc), zero)  # [m, N, R]
             d = torch.bmm(Be, (h * coef[sl, None])[..., None])[..., 0]  # [m, N]
-            y[sl] = y[sl] + d
+            y[sl] = y[sl] + torch.where(valid[sl, None], d, zero)  # (inf in x: 0 * inf)
     return y.to(out_dtype)
 
 
@@ -137,17 +151,22 @@ def multi_lora_expand(
         e = idx[m, s] (e < 0: nothing).
     Shapes: y [M, N], h [M, E, R] (h of every adapter for every row, e.g. from one GEMM over the
         concatenated A's), B [E, N, R], scale [E], rank [E], idx [M, S], w [M, S] or None.
-    Returns a new tensor [M, N] in y.dtype (float64 with ``upcast``).
+    Returns a new tensor [M, N] in y.dtype (float64 with ``upcast``); math in fp32 (fp64 with
+    ``upcast`` or when y is fp64). As in :func:`multi_lora_linear`, entries of h and B past
+    rank[e] and every adapter of a slot with no adapter are masked, never multiplied by 0.
     """
     acc = _acc_dtype(y, upcast)
     M, N = y.shape
     E, R = B.shape[0], B.shape[2]
     out = y.to(acc).clone()
     rows = torch.arange(M, device=y.device)
+    zero = torch.zeros((), dtype=acc, device=y.device)
     for s in range(idx.shape[1]):
-        ec, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)
-        he = h[rows, ec].to(acc) * rmask * coef[:, None]  # [M, R]
-        out = out + torch.bmm(B[ec].to(acc), he[..., None])[..., 0]
+        ec, valid, coef, rmask = _slot(idx, s, E, R, scale, rank, w, acc)
+        he = torch.where(rmask, h[rows, ec].to(acc), zero) * coef[:, None]  # [M, R]
+        Be = torch.where(rmask[:, None, :], B[ec].to(acc), zero)  # [M, N, R]
+        d = torch.bmm(Be, he[..., None])[..., 0]
+        out = out + torch.where(valid[:, None], d, zero)
     return out if upcast else out.to(y.dtype)
 
 
@@ -187,8 +206,10 @@ def spectr_topk(
         rank = torch.full((T,), R, dtype=torch.int32, device=h.device)
     rank = rank.to(h.device)
     if score == "norm":
-        rmask = (torch.arange(R, device=h.device)[None, :] < rank[:, None]).to(acc)
-        s = torch.sqrt((hh * hh * rmask[None]).sum(-1))
+        rmask = torch.arange(R, device=h.device)[None, :] < rank[:, None]
+        # masked, not multiplied by 0: NaN in h past an expert's rank must not reach its score
+        s = torch.sqrt(torch.where(rmask[None], hh * hh, torch.zeros((), dtype=acc,
+                                                                     device=h.device)).sum(-1))
     else:
         s = hh[:, :, 0].abs()
         if score_scale is not None:

@@ -147,6 +147,10 @@ def tolerance(out_ref: torch.Tensor, torch_outs, dt: torch.dtype) -> float:
     torch_err = max(((o.double() - out_ref).abs().max().item() if o.numel() else 0.0)
                     for o in torch_outs)
     ulp = torch.finfo(dt).eps * (out_ref.abs().max().item() if out_ref.numel() else 1.0)
+    if dt == torch.float64:
+        # the oracle is itself fp64 here (no wider dtype), so it and the kernel each carry a few
+        # ulps of summation-order error: 8 ulps still tells fp64 (1e-15) from fp32 (1e-7) accuracy
+        ulp *= 8
     return 2.0 * torch_err + ulp
 
 
