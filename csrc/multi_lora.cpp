@@ -421,15 +421,17 @@ Meta prepare(const char* op, const at::Tensor& scale, const at::Tensor& rank, co
   TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
               ": idx must be int32 or int64, got ", idx.scalar_type());
   Meta mt;
+  // Values are checked in int64 (int32 ids widen losslessly; nothing is ever narrowed), and
+  // raise ValueError like the Python-side checks of the other backends.
   mt.rank = rank.to(at::kLong).contiguous();
   const int64_t* rk = mt.rank.data_ptr<int64_t>();
   for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK(rk[e] >= 0 && rk[e] <= R, op, ": rank[", e, "] = ", rk[e],
-                " is outside [0, R] with R = ", R, " (the stack's max rank)");
+    TORCH_CHECK_VALUE(rk[e] >= 0 && rk[e] <= R, op, ": rank[", e, "] = ", rk[e],
+                      " is outside [0, R] with R = ", R, " (the stack's max rank)");
   mt.idx = idx.to(at::kLong).contiguous();
   const int64_t* id = mt.idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < mt.idx.numel(); ++i)
-    TORCH_CHECK(id[i] >= -1 && id[i] < E, op, ": idx holds adapter id ", id[i], " at [",
+    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < E, op, ": idx holds adapter id ", id[i], " at [",
                 i / std::max<int64_t>(1, idx.size(1)), ", ", i % std::max<int64_t>(1, idx.size(1)),
                 "], outside [-1, ", E - 1, "] (E = ", E, " adapters; -1 = no adapter)");
   if (w.has_value() && w->defined()) {

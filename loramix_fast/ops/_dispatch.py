@@ -97,9 +97,9 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
     if t is None:
         if optional:
             return
-        raise TypeError(f"{name} is required")
+        raise TypeError(f"{name} is required: expected {_expected(ndim, shape, dtypes)}, got None")
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be {_expected(ndim, shape, dtypes)}, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None:
@@ -111,6 +111,18 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (same device as x)")
+
+
+def _expected(ndim, shape, dtypes) -> str:
+    what = "a torch.Tensor"
+    if shape is not None:
+        dims = ["*" if d is None else str(d) for d in shape]
+        what += " of shape (" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+    elif ndim is not None:
+        what += f" with {ndim} dims"
+    if dtypes is not None:
+        what += " (" + " / ".join(str(d).replace("torch.", "") for d in dtypes) + ")"
+    return what
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

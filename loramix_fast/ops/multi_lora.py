@@ -36,7 +36,7 @@ def _(x, weight, A, B, scale, rank, idx, w, bias):
 
 
 def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def _validate(x, weight, A, B, scale, rank, idx, w, bias, backend):
@@ -54,14 +54,27 @@ def _validate(x, weight, A, B, scale, rank, idx, w, bias, backend):
     check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES, device=dev, shape=(M, idx.shape[1]),
                  optional=True)
     check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=dev, shape=(N,), optional=True)
-    if (dev.type == "cpu" and backend != "cpp" and idx.numel()
+    _check_ids(idx, E, backend)
+
+
+def _check_ids(idx, E, backend):
+    """ValueError for an adapter id outside [-1, E) on CPU (free on the host: no device sync; the
+    C++ kernel checks ids itself, before any narrowing, with the same kind of error). On GPUs the
+    kernels treat such ids as "no adapter". ids are never narrowed to int32 before this check
+    (every backend takes int64 ids as they are), so 2**32 + 2 can never alias adapter 2."""
+    if (idx.device.type == "cpu" and backend != "cpp" and idx.numel()
             and not torch.compiler.is_compiling()):
-        # free on the host: no device sync (the C++ kernel checks ids itself). On GPUs the
-        # kernels treat such ids as "no adapter".
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"idx holds adapter id {lo if lo < -1 else hi}, outside [-1, {E - 1}] "
                              f"(E = {E} adapters; -1 = no adapter)")
+
+
+def _check_x(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dim (its last is the features), got a scalar")
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -78,13 +91,16 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B:
         x [..., K] (leading dims flattened to M), weight [N, K] (any strides), A [E, R, K],
         B [E, N, R], scale [E] float, rank [E] int (<= R; rows past it are never read),
         idx [M, S] int32 (int64 accepted), w [M, S] float or None (= 1), bias [N] or None.
-        x, weight, A, B, bias share one dtype (fp32, fp16, bf16; fp64 on CPU); accumulation is fp32.
+        x, weight, A, B, bias share one dtype (fp32, fp16, bf16; fp64 on CPU); accumulation is fp32
+        (fp64 for fp64 inputs: an fp64 model is fp64-exact if its ``scale`` is fp64 too).
     Returns y [..., N] in x.dtype.
-    Errors name the offending argument. On CPU an id outside [-1, E) raises; on GPU (where checking
+    Errors name the offending argument. On CPU an id outside [-1, E) raises ValueError on every
+    backend (int64 ids are checked as they are, never wrapped to int32); on GPU (where checking
     would cost a sync) kernels treat it as -1, so no id can read out of bounds.
     Autograd: the kernels are inference-only; when grad mode is on and an input requires grad,
     the differentiable pure-torch reference runs instead (wrap serving in ``torch.inference_mode``).
     """
+    _check_x("x", x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     backend = pick_backend(x2, "multi_lora_linear")
@@ -92,8 +108,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B:
         backend = "reference"
     if validate:
         _validate(x2, weight, A, B, scale, rank, idx, w, bias, backend)
-    if idx.dtype != torch.int32:
-        idx = idx.to(torch.int32)
+    # idx stays int64 when given so (no narrowing cast: every backend reads int64 ids)
     if torch.compiler.is_compiling():
         y = _multi_lora_linear_op(x2, weight, A, B, scale, rank, idx, w, bias)
     else:
@@ -108,22 +123,26 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
 
     Semantics: out[m] = y[m] + sum_s w[m,s] * scale[e] * B[e, :, :rank[e]] @ h[m, e, :rank[e]],
     e = idx[m, s]. Shapes: y [M, N], h [M, E, R], B [E, N, R], scale [E], rank [E], idx [M, S],
-    w [M, S] or None. Returns a new [M, N] tensor in y.dtype.
+    w [M, S] or None. Returns a new [M, N] tensor in y.dtype (math in fp64 for fp64 y).
+    Errors as :func:`multi_lora_linear` (an id outside [-1, E) raises ValueError on CPU).
     """
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
     M, N = y.shape
-    check_tensor("B", B, ndim=3, shape=(None, N, None), device=y.device)
+    dev = y.device
+    check_tensor("B", B, ndim=3, dtypes=FLOAT_DTYPES, shape=(None, N, None), device=dev)
     E, R = B.shape[0], B.shape[2]
-    check_tensor("h", h, ndim=3, shape=(M, E, R), device=y.device)
-    check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=y.device)
-    check_tensor("w", w, ndim=2, shape=(M, idx.shape[1]), optional=True, device=y.device)
-    if idx.dtype != torch.int32:
-        idx = idx.to(torch.int32)
+    check_tensor("h", h, ndim=3, dtypes=FLOAT_DTYPES, shape=(M, E, R), device=dev)
+    check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=dev, shape=(E,))
+    check_tensor("rank", rank, ndim=1, dtypes=INT_DTYPES, device=dev, shape=(E,))
+    check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=dev)
+    check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES, shape=(M, idx.shape[1]), optional=True,
+                 device=dev)
     if torch.compiler.is_compiling():
         return _multi_lora_expand_op(y, h, B, scale, rank, idx, w)
     backend = pick_backend(y, "multi_lora_expand")
     if _needs_grad(y, h, B, w):
         backend = "reference"
+    _check_ids(idx, E, backend)
     return _run_expand(backend, y, h, B, scale, rank, idx, w)
 
 
