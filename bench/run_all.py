@@ -27,6 +27,8 @@ SECTIONS = {  # key: (module, title)
     "routing": ("bench.bench_routing_layer", "Routed layer: SpectR/Arrow (d=2048, T=32, r=8, k=4)"),
     "spectr_op": ("bench.bench_spectr_op", "spectr_topk scoring op"),
     "study": ("bench.routing_study", "Synthetic routing accuracy: SpectR vs Arrow"),
+    # trains four SmolLM2 experts the first time (~15 min on 2 cores; cached in .cache/experts)
+    "real": ("bench.routing_real", "routing on trained SmolLM2 experts"),
     "mix": ("bench.bench_mix_logits", "mix_logits (B=16, E=4, V=128256)"),
     "ensemble": ("bench.bench_ensemble", "ensemble_generate (4 experts x 4 sequences)"),
 }
