@@ -19,7 +19,7 @@ read as FLT_MAX and an expert whose max is FLT_MAX (it holds +inf) gives -inf to
 (all its mass on its +inf tokens, split equally), -inf is probability 0, and a NaN in a used expert
 (flagged as a NaN partial sum by kernel 1) makes the row NaN. Greedy: a chunk holding NaN reports
 its first NaN token with value NaN, and NaN wins the reduction (torch.argmax).
-Sampling on GPUs runs ``sample_from_scores`` (torch) on the kernel's scores.
+Sampling on GPUs runs the ops layer's ``sample_from_scores`` (torch, passed in) on the kernel's scores.
 """
 from __future__ import annotations
 
@@ -238,11 +238,10 @@ def mix_logits_greedy_triton(logits: torch.Tensor, weights: torch.Tensor, mode: 
 
 
 def mix_logits_sample_triton(logits: torch.Tensor, weights: torch.Tensor, mode: str,
-                             uniforms: torch.Tensor, temperature: float, *,
+                             uniforms: torch.Tensor, temperature: float, *, sampler,
                              block: int | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Inverse-CDF sample [B] int64 from softmax(scores / temperature) with the given uniforms [B]:
-    the kernel's scores, then ``sample_from_scores`` in torch (no host synchronisation)."""
-    from loramix_fast.ops.mix_logits import sample_from_scores
-
-    return sample_from_scores(mix_logits_triton(logits, weights, mode, block=block, chunk=chunk),
-                              uniforms, temperature)
+    """A sample [B] int64 from softmax(scores / temperature) with the given uniforms [B]: the
+    kernel's scores, then ``sampler(scores, uniforms, temperature)`` (the ops layer passes its
+    torch ``sample_from_scores``: a kernel file knows nothing above it)."""
+    return sampler(mix_logits_triton(logits, weights, mode, block=block, chunk=chunk), uniforms,
+                   temperature)

@@ -3,7 +3,8 @@
 Math (``loramix_fast.reference.spectr_topk`` is the spec):
     score="norm":  s[m, t] = || h[m, t, :rank[t]] ||_2          (SpectR, h = A*_t x)
     score="first": s[m, t] = |h[m, t, 0]| * score_scale[t]       (Arrow)
-    idx[m] = top-k_t s[m, t] over experts with rank[t] > 0, descending, ties to the lowest t;
+    idx[m] = top-k_t s[m, t] over experts with rank[t] > 0, descending, ties to the lowest t
+             (selected on s^2 for "norm": no rounded square root decides a near-tie);
     slots without a finite-scored expert: idx -1, weight 0;
     w = 1/k on each valid slot ("uniform"; an expert that does not target the module is a zero expert) or softmax(s / temperature) over them ("softmax").
 Legend: M = rows, T = experts, R = max rank, K = slots (k).
@@ -60,13 +61,18 @@ def _spectr_topk_kernel(
             v = tl.load(row_ptr[:, :, None] + rr[None, None, :] * stride_hr, mask=msk,
                         other=0.0).to(tl.float32)
             ss += tl.sum(v * v, axis=2)
-        s = tl.sqrt(ss)
+        s = tl.sqrt_rn(ss)  # correctly rounded (sqrt.approx.ftz flushes tiny norms to 0)
     tl.store(s_ptr + offs_m[:, None] * T + offs_t[None, :], s.to(s_ptr.dtype.element_ty), mask=mt_mask)
 
-    # Selection key: invalid experts (rank 0, padding) are -inf; NaN ranks first, like torch.sort,
-    # and its slot becomes -1 like any non-finite score.
+    # Selection key: the squared norm (the same order as the norm, without a rounding step that can
+    # merge near-ties or flush tiny norms); invalid experts (rank 0, padding) are -inf; NaN ranks
+    # first, like torch.sort, and its slot becomes -1 like any non-finite score.
+    if SCORE_FIRST:
+        key = s
+    else:
+        key = ss
     valid = (rk > 0)[None, :] & mt_mask
-    key = tl.where(s != s, float("inf"), s)
+    key = tl.where(key != key, float("inf"), key)
     key = tl.where(valid, key, float("-inf"))
     offs_k = tl.arange(0, BLOCK_K)
     sel_v = tl.full((BLOCK_M, BLOCK_K), float("-inf"), dtype=tl.float32)
@@ -80,6 +86,8 @@ def _spectr_topk_kernel(
         key = tl.where(offs_t[None, :] == bi[:, None], float("-inf"), key)
 
     ok = (sel_v > float("-inf")) & (sel_v < float("inf"))  # finite; NaN cannot occur here
+    if not SCORE_FIRST:
+        sel_v = tl.sqrt_rn(tl.where(ok, sel_v, 0.0))  # the selected scores themselves
     if SOFTMAX:
         vmax = tl.max(tl.where(ok, sel_v, float("-inf")), axis=1)  # [BM]
         vmax = tl.where(vmax > float("-inf"), vmax, 0.0)

@@ -23,6 +23,23 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if not INTERPRET:
+    def test_kernels_import_nothing_above_them():
+        """kernels/ is the bottom layer: no import of loramix_fast (ops, reference, ...)."""
+        import ast
+
+        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        for name in sorted(os.listdir(root)):
+            if not name.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(root, name)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    assert node.level <= 1 and not (node.module or "").startswith("loramix_fast"), \
+                        f"kernels/{name} imports {node.module!r} (level {node.level})"
+                elif isinstance(node, ast.Import):
+                    assert not any(a.name.startswith("loramix_fast") for a in node.names), \
+                        f"kernels/{name} imports loramix_fast"
+
     def test_interpreter_suite_in_subprocess():
         pytest.importorskip("triton")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +50,12 @@ if not INTERPRET:
 else:
     triton = pytest.importorskip("triton")
     from loramix_fast import reference
-    from loramix_fast.kernels.multi_lora import (GROUPED_MIN_M, multi_lora_expand_triton,
-                                                 multi_lora_linear_triton)
+    from loramix_fast.kernels import multi_lora as K
+    from loramix_fast.kernels.multi_lora import (GROUPED_MIN_M, multi_lora_expand_dense,
+                                                 multi_lora_expand_triton,
+                                                 multi_lora_linear_dense,
+                                                 multi_lora_linear_triton,
+                                                 multi_lora_linear_unfused)
 
     EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: 2.0 ** -10,
            torch.bfloat16: 2.0 ** -7}
@@ -96,7 +117,19 @@ else:
              has_bias=True, grouped=True, dtype=torch.bfloat16, config=SMALL),
         Case("bf16_decode", M=2, K=32, N=24, E=3, R=8, popularity="distinct", has_bias=True,
              dtype=torch.bfloat16),
+        # decode split-K: fp32 partials of x @ W.T summed in a fixed order by the epilogue pass
+        Case("split_k3_s2_bias_transposed_fp16", M=3, K=48, N=40, E=3, R=6, S=2, has_w=True,
+             has_bias=True, transposed_weight=True, dtype=torch.float16,
+             config={"SPLIT_K": 3, "BLOCK_K": 16}),
+        Case("split_k_auto_k512_fp32", M=2, K=512, N=40, E=3, R=8, has_bias=True, none_frac=0.3),
+        Case("dot_epilogue_ungrouped_mixed_fp32", M=20, K=24, N=33, E=5, R=8, S=2, has_w=True,
+             ranks=[8, 3, 0, 7, 1], none_frac=0.2, grouped=False,
+             config=dict(SMALL, EPILOGUE="dot")),
+        Case("s8_routing_like_fp16", M=6, K=32, N=24, E=8, R=4, S=8, has_w=True,
+             popularity="distinct", dtype=torch.float16),
     ]
+    LAUNCHERS = {"fused": multi_lora_linear_triton, "unfused": multi_lora_linear_unfused,
+                 "dense": multi_lora_linear_dense}
 
     def _ids(case: Case, g: torch.Generator) -> torch.Tensor:
         M, S, E = case.M, case.S, case.E
@@ -162,6 +195,49 @@ else:
         oracle = reference.multi_lora_linear(*args, upcast=True)
         plain = reference.multi_lora_linear(*args)
         assert_close_to_oracle(got, oracle, plain, x.dtype)
+
+    @pytest.mark.parametrize("launcher", ["unfused", "dense"])
+    @pytest.mark.parametrize("case", [c for c in CASES if c.name != "m0"], ids=str)
+    def test_autotune_candidates(case, launcher):
+        """The unfused baseline (F.linear + shrink + in-place expand) and the dense GEMMs agree
+        with the oracle on the same cases as the fused kernel."""
+        args = make_inputs(case)
+        if launcher == "unfused":
+            got = multi_lora_linear_unfused(*args, grouped=case.grouped, config=case.config)
+        else:
+            got = multi_lora_linear_dense(*args)
+        assert_close_to_oracle(got, reference.multi_lora_linear(*args, upcast=True),
+                               reference.multi_lora_linear(*args), case.dtype)
+
+    def test_candidates_cover_the_issue_list():
+        args = make_inputs(Case("c", M=4, K=16, N=16, E=3, R=4, S=2))
+        names = set(K.linear_candidates(*args))
+        assert {"fused", "unfused", "dense"} <= names and len(names) >= 4
+        assert K.linear_default(*args) == "fused"  # CPU tensors: the fused kernel (interpreter)
+        big = make_inputs(Case("c", M=4, K=16, N=16, E=64, R=32, S=1))
+        assert "dense" not in K.linear_candidates(*big)  # E*R > DENSE_MAX_ER
+
+    def test_decode_split_k_grid():
+        """Decode grids hold at least 2x the SM count: split-K over W's K when N is narrow."""
+        cfg = K.gemm_config(1, torch.float16)
+        n_split, k_per = K.split_k(1, 1024, 4096, cfg, 132)
+        tiles = triton.cdiv(1024, cfg["BLOCK_N"])
+        assert tiles * n_split >= 2 * 132 and k_per % cfg["BLOCK_K"] == 0
+        assert (n_split - 1) * k_per < 4096 <= n_split * k_per
+        assert K.split_k(4096, 4096, 4096, K.gemm_config(4096, torch.float16), 132) == (1, 4096)
+        assert K.shrink_split(1, 1, 4096, 256, 132) > 1
+
+    def test_row_sort_once_per_idx():
+        """The grouped path sorts a token map once (all layers of a forward share it) and again
+        only after the map is modified in place."""
+        idx = torch.randint(0, 4, (200, 1), dtype=torch.int32)
+        p1 = K._sort_rows(idx, 4)
+        assert K._sort_rows(idx, 4) is p1
+        idx[0, 0] = 3 - idx[0, 0]
+        p2 = K._sort_rows(idx, 4)
+        assert p2 is not p1
+        key = torch.where(idx[:, 0] < 4, idx[:, 0], 4)
+        assert torch.equal(key[p2], torch.sort(key).values)
 
     def test_default_case_crosses_grouped_threshold():
         case = next(c for c in CASES if c.name.startswith("m130_default_path"))
@@ -250,3 +326,9 @@ else:
         oracle = reference.multi_lora_expand(y, h, B, scale, rank, idx, w, upcast=True)
         plain = reference.multi_lora_expand(y, h, B, scale, rank, idx, w)
         assert_close_to_oracle(got, oracle, plain, dt)
+        other = "dot" if K.gemm_config(M, dt)["EPILOGUE"] == "gather" else "gather"
+        got = multi_lora_expand_triton(y, h, B, scale, rank, idx, w,
+                                       config=dict(case.config, EPILOGUE=other))
+        assert_close_to_oracle(got, oracle, plain, dt)
+        assert_close_to_oracle(multi_lora_expand_dense(y, h, B, scale, rank, idx, w), oracle,
+                               plain, dt)

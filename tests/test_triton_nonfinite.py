@@ -38,8 +38,11 @@ else:
     from loramix_fast import ops, reference  # noqa: E402
     from loramix_fast.kernels.mix_logits import (mix_logits_greedy_triton,  # noqa: E402
                                                  mix_logits_triton)
-    from loramix_fast.kernels.multi_lora import (multi_lora_expand_triton,  # noqa: E402
-                                                 multi_lora_linear_triton)
+    from loramix_fast.kernels.multi_lora import (multi_lora_expand_dense,  # noqa: E402
+                                                 multi_lora_expand_triton,
+                                                 multi_lora_linear_dense,
+                                                 multi_lora_linear_triton,
+                                                 multi_lora_linear_unfused)
     from loramix_fast.ops.mix_logits import sample_from_scores  # noqa: E402
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -61,6 +64,33 @@ else:
             want = reference.multi_lora_expand(y.double(), hc, Bc, sc, rank, ids, w.double())
             assert torch.isfinite(out[clean]).all()
             torch.testing.assert_close(out[clean].double(), want[clean], rtol=tol, atol=tol)
+
+    _SPLIT = {"SPLIT_K": 2, "BLOCK_K": 16, "SPLIT": 2}
+
+    @pytest.mark.parametrize("S", [1, 2])
+    @pytest.mark.parametrize("launcher", ["unfused", "dense", "split_k", "dot_epilogue"])
+    def test_nan_adapter_stays_in_its_rows_every_candidate(launcher, S):
+        """Every candidate of the autotuner keeps a NaN / inf adapter in the rows that select it."""
+        x, W, A, B, scale, rank, idx, w, h, y = _poisoned(S=S, M=21)
+        Ac, Bc, sc, hc = _clean(A, B, scale, rank, h)
+        clean = (idx != 0).all(1)
+        run = {"unfused": multi_lora_linear_unfused, "dense": multi_lora_linear_dense,
+               "split_k": lambda *a: multi_lora_linear_triton(*a, config=_SPLIT),
+               "dot_epilogue": lambda *a: multi_lora_linear_triton(
+                   *a, grouped=False, config={"EPILOGUE": "dot"})}[launcher]
+        out = run(x, W, A, B, scale, rank, idx, w, None)
+        want = reference.multi_lora_linear(x.double(), W.double(), Ac, Bc, sc, rank, idx,
+                                           w.double())
+        assert torch.isfinite(out[clean]).all()
+        torch.testing.assert_close(out[clean].double(), want[clean], rtol=1e-4, atol=1e-4)
+        assert torch.isnan(out[~clean]).all()
+        if launcher in ("dense", "dot_epilogue"):
+            ex = multi_lora_expand_dense if launcher == "dense" else (
+                lambda *a: multi_lora_expand_triton(*a, config={"EPILOGUE": "dot"}))
+            out = ex(y, h, B, scale, rank, idx, w)
+            want = reference.multi_lora_expand(y.double(), hc, Bc, sc, rank, idx, w.double())
+            assert torch.isfinite(out[clean]).all()
+            torch.testing.assert_close(out[clean].double(), want[clean], rtol=1e-4, atol=1e-4)
 
     @pytest.mark.parametrize("bad", [2 ** 32 + 2, 2 ** 32 - 1, -(2 ** 32) - 1, 4, -2])  # E = 4
     def test_int64_ids_out_of_range(bad):

@@ -98,7 +98,8 @@ def _sample(backend: str, logits: torch.Tensor, weights: torch.Tensor, mode: str
         if backend == "triton":
             from ..kernels.mix_logits import mix_logits_sample_triton
 
-            return mix_logits_sample_triton(logits, weights, mode, uniforms, float(temperature))
+            return mix_logits_sample_triton(logits, weights, mode, uniforms, float(temperature),
+                                            sampler=sample_from_scores)
     # top-p (a sort over V) runs in torch on the kernel's scores
     return sample_from_scores(_scores(backend, logits, weights, mode), uniforms, temperature, top_p)
 
