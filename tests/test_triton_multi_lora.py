@@ -227,6 +227,42 @@ else:
         assert K.split_k(4096, 4096, 4096, K.gemm_config(4096, torch.float16), 132) == (1, 4096)
         assert K.shrink_split(1, 1, 4096, 256, 132) > 1
 
+    def _fake_timer(times):
+        def timer(name, run):
+            run(0)
+            return times[name]
+        return timer
+
+    def test_tuner_over_the_real_candidates(tmp_path):
+        """Every real candidate passes the tuner's correctness gate, and the fastest (by the fake
+        timer) is picked and run: for the linear op and for the expand."""
+        from loramix_fast.autotune import Tuner
+        from loramix_fast.ops._tuned import expand_plan, linear_plan
+
+        case = Case("tune", M=10, K=32, N=24, E=4, R=8, S=2, has_w=True, has_bias=True,
+                    none_frac=0.2)
+        args = make_inputs(case)
+        names = list(K.linear_candidates(*args))
+        for fastest in ("dense", "fused_n64"):
+            t = Tuner(_fake_timer({n: 0.5 if n == fastest else 1.0 for n in names}),
+                      path=str(tmp_path / f"{fastest}.json"), allow_cpu=True)
+            out = t.run(linear_plan(), args)
+            assert [e for e in t.events if e[1] == "rejected"] == []
+            assert [e[2] for e in t.events if e[1] == "tuned"] == [fastest]
+            assert_close_to_oracle(out, reference.multi_lora_linear(*args, upcast=True),
+                                   reference.multi_lora_linear(*args), torch.float32)
+        g = torch.Generator().manual_seed(2)
+        y, h = torch.randn(10, 24, generator=g), torch.randn(10, 4, 8, generator=g)
+        _, _, _, B, scale, rank, idx, w, _ = args
+        eargs = (y, h, B, scale, rank, idx, w)
+        names = list(K.expand_candidates(*eargs))
+        t = Tuner(_fake_timer({n: 0.5 if n == "dense" else 1.0 for n in names}),
+                  path=str(tmp_path / "e.json"), allow_cpu=True)
+        out = t.run(expand_plan(), eargs)
+        assert [e for e in t.events if e[1] == "rejected"] == []
+        assert_close_to_oracle(out, reference.multi_lora_expand(*eargs, upcast=True),
+                               reference.multi_lora_expand(*eargs), torch.float32)
+
     def test_row_sort_once_per_idx():
         """The grouped path sorts a token map once (all layers of a forward share it) and again
         only after the map is modified in place."""

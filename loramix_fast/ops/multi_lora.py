@@ -16,10 +16,10 @@ __all__ = ["multi_lora_linear", "multi_lora_expand"]
 def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
     if backend == "cpp":
         return torch.ops.loramix_cpp.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
-    if backend == "triton":
-        from ..kernels.multi_lora import multi_lora_linear_triton
+    if backend == "triton":  # the autotuned choice: fused / cuBLAS + shrink + expand / dense
+        from ._tuned import multi_lora_linear_tuned
 
-        return multi_lora_linear_triton(x, weight, A, B, scale, rank, idx, w, bias)
+        return multi_lora_linear_tuned(x, weight, A, B, scale, rank, idx, w, bias)
     return reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
 
 
@@ -149,10 +149,10 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
 def _run_expand(backend, y, h, B, scale, rank, idx, w):
     if backend == "cpp":
         return torch.ops.loramix_cpp.multi_lora_expand(y, h, B, scale, rank, idx, w)
-    if backend == "triton":
-        from ..kernels.multi_lora import multi_lora_expand_triton
+    if backend == "triton":  # the autotuned choice: fused / dense
+        from ._tuned import multi_lora_expand_tuned
 
-        return multi_lora_expand_triton(y, h, B, scale, rank, idx, w)
+        return multi_lora_expand_tuned(y, h, B, scale, rank, idx, w)
     return reference.multi_lora_expand(y, h, B, scale, rank, idx, w)
 
 
