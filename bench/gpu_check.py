@@ -669,12 +669,14 @@ def run_checks(prof: Profile, only: set | None = None, log=print) -> Runner:
                 fn()
         return run
 
-    steps = [("parity", parity(lambda: r.parity_linear(extra=False))),
-             ("parity", parity(r.parity_expand)),
-             ("parity", r.parity_spectr), ("parity", r.parity_mix), ("nan", r.nan_isolation),
-             ("determinism", r.determinism), ("cuda_graph", r.cuda_graph_op),
-             ("cuda_graph", r.cuda_graph),
-             ("offsets", r.offsets), ("timings", r.timings)]
+    # cheap, decisive checks and the timings first; the parity sweep (the longest, with a time
+    # budget: cases past it are reported as skipped) after them
+    steps = [("nan", r.nan_isolation), ("determinism", r.determinism),
+             ("cuda_graph", r.cuda_graph_op), ("cuda_graph", r.cuda_graph),
+             ("offsets", r.offsets), ("timings", r.timings),
+             ("parity", parity(lambda: r.parity_linear(extra=False))),
+             ("parity", parity(r.parity_expand)), ("parity", parity(r.parity_spectr)),
+             ("parity", parity(r.parity_mix))]
     if prof.extra:
         steps.append(("parity", parity(lambda: r.parity_linear(extra=True))))
     for key, fn in steps:
