@@ -13,7 +13,9 @@ from .modules import MultiLoRALinear  # noqa: F401
 from .training import LoRASpec  # noqa: F401
 from .routing import (Arrow, PromptCached, SpectR, Uniform, align_stack,  # noqa: F401
                       record_routing, routing_report)
-from .patching import PATCH_TABLE, is_patched, patch, set_router, unpatch, use_adapters  # noqa: F401
+from .patching import (PATCH_TABLE, is_patched, patch, set_adapter, set_router,  # noqa: F401
+                       unpatch, use_adapters)
+from .pipelines import pipeline, pipeline_adapters  # noqa: F401
 from .autotune import warmup  # noqa: F401
 
 __version__ = "0.1.0"

@@ -439,6 +439,41 @@ class AdapterLibrary:
     def __len__(self) -> int:
         return len(self._adapters)
 
+    def __repr__(self) -> str:
+        """One line for the library, one per adapter: rank(s), scale(s), targeted modules (leaf
+        names with counts), bytes and dtype of its factors."""
+        def mb(n):
+            return f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n / 2**10:.1f} KiB"
+
+        def span(vals, fmt="{:g}"):
+            vals = sorted(set(vals))
+            if not vals:
+                return "-"
+            return fmt.format(vals[0]) if len(vals) == 1 else (
+                f"{fmt.format(vals[0])}..{fmt.format(vals[-1])}")
+
+        lines, total = [], 0
+        for name, fs in self._adapters.items():
+            nbytes = sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size()
+                         for f in fs.values())
+            total += nbytes
+            leaves: dict = {}
+            for mod in fs:
+                leaf = mod.rsplit(".", 1)[-1]
+                leaves[leaf] = leaves.get(leaf, 0) + 1
+            targets = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in leaves.items())
+            dtypes = sorted({str(f.A.dtype).replace("torch.", "") for f in fs.values()})
+            lines.append(f"  {name}: r={span(f.rank for f in fs.values())}, scale="
+                         f"{span((f.scale for f in fs.values()), '{:.4g}')}, {len(fs)} modules "
+                         f"({targets}), {mb(nbytes)}, {'/'.join(dtypes) or '-'}"
+                         + (", trainable" if name in self._live else ""))
+        n = len(self._adapters)
+        head = (f"AdapterLibrary({n} adapter{'s' if n != 1 else ''}, {len(self.modules())} "
+                f"modules, {mb(total)}")
+        models = len(self._patched_models()) if hasattr(self, "_models") else 0
+        head += f", patched into {models} model{'s' if models != 1 else ''})" if models else ")"
+        return "\n".join([head + (":" if lines else "")] + lines)
+
     def __contains__(self, name) -> bool:
         return name in self._adapters
 

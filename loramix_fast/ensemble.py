@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -151,6 +152,35 @@ def _token_list(p, name: str) -> list[int]:
     return [int(t) for t in p]
 
 
+def _mask_like_generate(input_ids: torch.Tensor, pad, eos: list) -> torch.Tensor:
+    """The attention mask when none is given, as HF ``generate`` makes it: inferred from the pad
+    token (``input_ids != pad``) when it occurs in the inputs and is not an EOS token, else all
+    ones; a batch that may be padded but whose mask cannot be inferred gets a warning."""
+    ones = torch.ones_like(input_ids)
+    B = input_ids.shape[0]
+    if pad is None:
+        if B > 1:
+            warnings.warn(f"ensemble_generate got a batch of {B} sequences without "
+                          "attention_mask and without a pad token id (argument or generation "
+                          "config): padding cannot be told from tokens and would be attended to; "
+                          "pass the tokenizer's attention_mask (e.g. **enc)", UserWarning,
+                          stacklevel=3)
+        return ones
+    pad = int(pad)
+    if not bool((input_ids == pad).any()):
+        return ones
+    if pad in eos:
+        if B > 1:
+            warnings.warn(f"ensemble_generate got a batch of {B} sequences without "
+                          f"attention_mask, and the pad token {pad} is also an EOS token, so the "
+                          "mask cannot be inferred: every pad token is attended to and the "
+                          "answers differ from those of a masked batch; pass the tokenizer's "
+                          "attention_mask (e.g. attention_mask=enc.attention_mask)", UserWarning,
+                          stacklevel=3)
+        return ones
+    return (input_ids != pad).long()
+
+
 # ---- the model call --------------------------------------------------------------------------
 
 def _forward_kwargs(model) -> tuple[str, bool]:
@@ -201,13 +231,18 @@ def ensemble_generate(
         input_ids: [B, P] int64 prompts, left-padded (right padding is also accepted: rows are
             compacted before decoding).
         experts: E names, each an adapter of the model's library or ``"__base__"``.
-        weights: [B, E] or [E] (broadcast) tensor/list, None (uniform 1/E), or a callable
+        weights: fixed mixing weights of the experts, the same at every step (not routing:
+            nothing is chosen per token): [B, E] (one row per sequence) or [E] (every sequence
+            alike, e.g. ``[0.5, 0.3, 0.2]``) tensor/list, None (uniform 1/E), or a callable
             ``weights(input_ids, attention_mask) -> [B, E] or [E]`` called once on the prompt.
             mode "probs" ignores non-positive weights and needs one positive weight per sequence;
             "logits" allows any finite weights (they need not sum to 1), one nonzero per sequence.
         mode: "probs" (PELMo, default) or "logits" (ELREA).
         max_new_tokens: number of tokens to generate (>= 0).
-        attention_mask: [B, P] of 0/1 (None: all ones).
+        attention_mask: [B, P] of 0/1. None: as ``generate`` does, inferred from the pad token
+            (``input_ids != pad_token_id``) when it occurs in the prompts and is not an EOS token,
+            else all ones, with a UserWarning when a batch may be padded but the mask cannot be
+            inferred (no pad token id, or pad = EOS as in SmolLM2): pass the tokenizer's mask.
         do_sample / temperature / top_p / generator: sampling; one draw per sequence per step
             from the mixture, reproducible from ``generator`` (or the global seed when None).
         eos_token_id: int or list of ints; None takes ``model.generation_config.eos_token_id``
@@ -215,8 +250,8 @@ def ensemble_generate(
         expert_prompts: None, or E token-id sequences (1-D tensors / lists, None or [] for no
             prefix; or an [E, Lp] tensor): expert e sees ``expert_prompts[e] + prompt_b`` (PELMo's prompt experts).
             Copies of unequal length are left-padded.
-        pad_token_id: fills positions after EOS; None takes the generation config's, else the
-            first EOS id, else 0.
+        pad_token_id: fills positions after EOS (and tells padding apart when attention_mask
+            is None); None takes the generation config's, else the first EOS id, else 0.
 
     Returns:
         LongTensor [B, P + T], the input prompts followed by the generated tokens, T <=
@@ -243,8 +278,15 @@ def ensemble_generate(
     E = len(experts)
     device = input_ids.device
     input_ids = input_ids.long()
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_cfg is not None:
+        eos_token_id = gen_cfg.eos_token_id
+    eos = [] if eos_token_id is None else (
+        [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id])
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = _mask_like_generate(input_ids, pad_token_id, eos)
     elif tuple(attention_mask.shape) != (B, P):
         raise ValueError(f"attention_mask must have the shape of input_ids {(B, P)}, got "
                          f"{tuple(attention_mask.shape)}")
@@ -260,13 +302,6 @@ def ensemble_generate(
         prefixes = [[] for _ in range(E)]
     w = _check_weights(weights, input_ids, attention_mask, B, E, mode, device)  # [B, E]
 
-    gen_cfg = getattr(model, "generation_config", None)
-    if eos_token_id is None and gen_cfg is not None:
-        eos_token_id = gen_cfg.eos_token_id
-    eos = [] if eos_token_id is None else (
-        [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id])
-    if pad_token_id is None:
-        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     if B == 0 or max_new_tokens == 0:

@@ -115,6 +115,8 @@ class MultiLoRALinear(nn.Module):
         stack = self.stack()
         if stack is None:
             return self.base_layer(x)
+        if st.record is not None:  # lmf.record_routing: what the selection chose, no scores
+            st.record.add(self.lmf_name, idx, None, st.lib.names)
         return self.apply_adapters(x, stack, idx)
 
     def apply_adapters(self, x: torch.Tensor, stack, idx: torch.Tensor,

@@ -2,14 +2,18 @@
 all adapters at once; ``unpatch`` restores the original modules.
 
 One engine driven by a table (``PATCH_TABLE``: predicate -> kind of replacement), no per-model code.
-Per-sequence selection works like peft: ``model(ids, adapter_names=[...])``,
-``model.generate(..., adapter_names=[...])`` (beam search and sampling included), or the
-``use_adapters`` context manager. The selection (adapter per sequence) is kept in a contextvar that
-every patched layer reads; its token -> adapter map is built on the input's device once per forward
-and shape (an encoder-decoder's encoder and decoder each get theirs) and shared by the layers. The
-top model's pre-hook sets the selection of ``adapter_names=`` and its always-called post-hook resets
-it, also when the forward raises. A patched model's state dict, pickle and deep copy are those of
-the base model plus the patch: ``save_pretrained`` writes a plain base checkpoint.
+Per-sequence selection works like peft: ``model(ids, adapter_names=[...])`` (one name per
+sequence; ``"__base__"`` or ``None`` for the base model), ``model.generate(...,
+adapter_names=[...])`` (beam search and sampling included), or the ``use_adapters`` context
+manager; one name given as a string (``adapter_names="math"``) serves the whole batch, and
+``set_adapter`` sets a default adapter for code that cannot pass keyword arguments (peft's habit).
+Transformers pipelines: :func:`loramix_fast.pipeline_adapters`. The selection (adapter per
+sequence) is kept in a contextvar that every patched layer reads; its token -> adapter map is
+built on the input's device once per forward and shape (an encoder-decoder's encoder and decoder
+each get theirs) and shared by the layers. The top model's pre-hook sets the selection of
+``adapter_names=`` and its always-called post-hook resets it, also when the forward raises. A
+patched model's state dict, pickle and deep copy are those of the base model plus the patch:
+``save_pretrained`` writes a plain base checkpoint.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from .context import _GENERATING, _ROUTE_CACHE, _SELECTION, Selection
 from .modules import MultiLoRALinear
 from .training import keep_context_in_checkpoints
 
-__all__ = ["patch", "unpatch", "use_adapters", "set_router", "PATCH_TABLE", "is_patched"]
+__all__ = ["patch", "unpatch", "use_adapters", "set_router", "set_adapter", "PATCH_TABLE",
+           "is_patched"]
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -51,6 +56,9 @@ class PatchState:
     hooks: list = field(default_factory=list)
     patched: dict = field(default_factory=dict)  # name -> MultiLoRALinear
     record: object = None  # routing report recorder (opt-in)
+    last_record: object = None  # the report of the last recording (kept after it stops)
+    default_adapter: object = None  # lmf.set_adapter: the adapter of forwards that name none
+    _default_sel: object = None  # (library version, Selection) of default_adapter
     model_ref: object = None  # weakref to the patched model (attached to the library on unpickle)
 
     # pickle / deepcopy: the library's lock and registry of models are not state; the copy of the
@@ -58,6 +66,7 @@ class PatchState:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["model_ref"] = self.model_ref() if self.model_ref is not None else None
+        state["_default_sel"] = None  # derived (rebuilt on the next forward)
         return state
 
     def __setstate__(self, state):
@@ -89,6 +98,12 @@ def patch(model: nn.Module, lib: AdapterLibrary, router=None) -> nn.Module:
             (``lmf.SpectR``, ``lmf.Arrow``, ``lmf.Uniform``, ``lmf.PromptCached``) that picks
             experts per token and layer when no ``adapter_names`` are given.
     Returns the same model.
+
+    Selecting adapters afterwards: ``model(ids, adapter_names=[...])`` with one entry per
+    sequence, each an adapter name, ``"__base__"`` or ``None`` (the base model for that sequence);
+    ``adapter_names="name"`` (a string) serves every sequence of the batch with one adapter;
+    ``lmf.set_adapter(model, name)`` makes ``name`` the default of forwards that pass none. An
+    explicit selection (either kind) takes precedence over the router.
     """
     # every argument is checked before the model is touched: a failed patch leaves it as it was
     if not isinstance(model, nn.Module):
@@ -99,6 +114,7 @@ def patch(model: nn.Module, lib: AdapterLibrary, router=None) -> nn.Module:
     if is_patched(model):
         raise ValueError("model is already patched; add adapters to its library (no re-patch "
                          "needed) or call lmf.unpatch(model) first")
+    had_guard = _remove_guard(model)  # a model patched, unpatched and patched again
     st = PatchState(lib=lib, model_ref=weakref.ref(model))
     object.__setattr__(model, "_loramix_state", st)
     try:
@@ -112,7 +128,7 @@ def patch(model: nn.Module, lib: AdapterLibrary, router=None) -> nn.Module:
         if router is not None:
             set_router(model, router)
     except BaseException:
-        unpatch(model)
+        unpatch(model, guard=had_guard)
         raise
     return model
 
@@ -132,6 +148,8 @@ class _Generate:
     def __call__(self, *args, adapter_names=None, **kwargs):
         model = self.model
         st = _state(model)
+        if st.record is not None:  # the forwards of this call are one run of the report
+            st.record.begin_generate()
         with contextlib.ExitStack() as es:
             es.enter_context(_route_cache_scope())
             es.enter_context(_set(_GENERATING, _GENERATING.get() + (st,)))
@@ -174,8 +192,32 @@ def _extend_patch(model: nn.Module, lib: AdapterLibrary) -> None:
         st.patched[name] = new
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Put the original modules back and remove hooks; outputs are bit-identical to before."""
+def _unpatched_guard(model, args, kwargs):
+    """Forward pre-hook ``unpatch`` leaves behind: transformers models take ``**kwargs`` and would
+    silently ignore ``adapter_names``; this refuses it instead. Inert while the model is patched
+    (a copy of an unpatched model, patched again)."""
+    if "adapter_names" in kwargs and not is_patched(model):
+        raise TypeError("adapter_names= was passed to a model that lmf.unpatch() restored to its "
+                        "base modules, which would silently ignore it; patch it again "
+                        "(lmf.patch(model, lib)) to serve adapters, or drop the argument")
+    return None
+
+
+def _remove_guard(model: nn.Module) -> bool:
+    keys = [k for k, h in model._forward_pre_hooks.items() if h is _unpatched_guard]
+    for k in keys:
+        model._forward_pre_hooks.pop(k, None)
+        model._forward_pre_hooks_with_kwargs.pop(k, None)
+    return bool(keys)
+
+
+def unpatch(model: nn.Module, guard: bool = True) -> nn.Module:
+    """Put the original modules back and remove hooks; outputs are bit-identical to before.
+
+    ``guard`` (default True): leave one forward pre-hook that raises a TypeError when
+    ``adapter_names=`` is passed to the restored model (a transformers model would silently
+    ignore it and run the base model); ``lmf.patch`` removes it, ``guard=False`` leaves no
+    trace."""
     st = _state(model)
     for name, new in st.patched.items():
         parent_name, _, child = name.rpartition(".")
@@ -190,6 +232,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     st.lib._detach(model)
     object.__setattr__(model, "_loramix_state", None)
     del model.__dict__["_loramix_state"]
+    if guard:
+        model.register_forward_pre_hook(_unpatched_guard, with_kwargs=True)
     return model
 
 
@@ -208,19 +252,69 @@ def _check_router(router) -> None:
 
 
 def set_router(model: nn.Module, router) -> None:
-    """Switch the router of a patched model (None: base model unless adapter_names are given)."""
+    """Switch the router of a patched model (None: base model unless adapter_names are given).
+
+    A router whose ``top_k`` exceeds the number of adapters in the library is clamped to it, with
+    a UserWarning (every token then mixes every expert)."""
     st = _state(model)
     _check_router(router)
     if router is not None and hasattr(router, "bind"):
         router.bind(st)
+    _warn_top_k(router, len(st.lib))
     st.router = router
 
 
+def _warn_top_k(router, n_experts: int) -> None:
+    inner = getattr(router, "router", router)  # PromptCached(SpectR(...))
+    warn = getattr(inner, "_warn_clamp", None)
+    k = getattr(inner, "top_k", None)
+    if warn is not None and isinstance(k, int) and 0 < n_experts < k:
+        warn(n_experts)
+
+
+def set_adapter(model: nn.Module, name) -> None:
+    """Make adapter ``name`` the default of every forward (and ``generate``) of a patched model
+    that passes no ``adapter_names`` (peft's ``set_adapter`` habit, for code that cannot pass
+    keyword arguments: pipelines, evaluation harnesses). ``None`` or ``"__base__"`` clears it.
+    ``adapter_names=`` and ``lmf.use_adapters`` take precedence over it; while a default is set
+    the router is not used (clear the default to route again)."""
+    st = _state(model)
+    if name is None or name == BASE:
+        st.default_adapter, st._default_sel = None, None
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"set_adapter takes one adapter name (a string), None or {BASE!r}, got "
+                        f"{type(name).__name__} {name!r}; per-sequence adapters go in "
+                        "adapter_names=[...]")
+    st.lib.id_of(name)  # KeyError naming the library's adapters
+    st.default_adapter, st._default_sel = name, None
+
+
+def _default_selection(st: PatchState) -> Selection:
+    cached = st._default_sel
+    if cached is None or cached[0] != st.lib.version:  # ids shift when adapters are removed
+        cached = (st.lib.version, Selection(st, [st.lib.id_of(st.default_adapter)],
+                                            broadcast=True))
+        st._default_sel = cached
+    return cached[1]
+
+
 def _selection(st: PatchState, adapter_names) -> Selection:
-    if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
+    """A list: one entry per sequence (an adapter name; ``"__base__"`` or None: the base model).
+    A string: that adapter for every sequence of the batch."""
+    if isinstance(adapter_names, str):
+        return Selection(st, [st.lib.id_of(adapter_names)], broadcast=True)
+    if not hasattr(adapter_names, "__iter__"):
         raise TypeError("adapter_names must be a list with one adapter name per sequence "
-                        f"(or {BASE!r}), got {type(adapter_names).__name__} {adapter_names!r}")
-    return Selection(st, st.lib.ids_of(list(adapter_names)))
+                        f"({BASE!r} or None for the base model), or one name as a string for "
+                        f"the whole batch; got {type(adapter_names).__name__} {adapter_names!r}")
+    names = list(adapter_names)
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError("adapter_names entries must be adapter names (str), "
+                        f"{BASE!r} or None; got {type(bad[0]).__name__} {bad[0]!r}")
+    return Selection(st, st.lib.ids_of(names))
+
 
 
 @contextlib.contextmanager
@@ -235,7 +329,8 @@ def _set(var: contextvars.ContextVar, value):
 @contextlib.contextmanager
 def use_adapters(model: nn.Module, adapter_names):
     """Context manager: every forward of ``model`` inside uses ``adapter_names`` (one per sequence,
-    ``"__base__"`` for none), for code that cannot pass ``adapter_names=`` itself."""
+    ``"__base__"`` or None for none; or one name as a string for every sequence), for code that
+    cannot pass ``adapter_names=`` itself."""
     st = _state(model)
     with _set(_SELECTION, _selection(st, adapter_names)):
         yield model
@@ -291,12 +386,19 @@ def _pre_hook(model, args, kwargs):
         names = kwargs.pop("adapter_names", None)
         if names is not None:
             resets.append((_SELECTION, _SELECTION.set(_selection(st, names))))
+        elif st.default_adapter is not None:
+            cur = _SELECTION.get()
+            if cur is None or cur.state is not st:  # lmf.set_adapter's default
+                resets.append((_SELECTION, _SELECTION.set(_default_selection(st))))
         if st.router is not None and _ROUTE_CACHE.get() is None:  # routers' per-forward cache
             resets.append((_ROUTE_CACHE, _ROUTE_CACHE.set({})))
         sel = _SELECTION.get()
         if model.training and torch.is_grad_enabled():  # HF recomputes layers in the backward
             keep_context_in_checkpoints(model)
         shape = _input_shape(args, kwargs)
+        if st.record is not None:  # the report keeps each forward's tokens and mask
+            st.record.begin_forward(st, args, kwargs, sel if sel is not None and sel.state is st
+                                    else None, generating=st in _GENERATING.get())
         if sel is not None and sel.state is st:
             if shape is not None:  # check the names against the batch now, build the map once
                 sel.token_map(shape[0], shape[1], shape[2], expand=st in _GENERATING.get())

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AdapterSpec", "tiny_model", "write_peft_adapters", "peft_multi", "FAMILIES", "TARGETS"]
+__all__ = ["AdapterSpec", "tiny_model", "tiny_tokenizer", "write_peft_adapters", "peft_multi",
+           "FAMILIES", "TARGETS"]
 
 FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
@@ -53,6 +54,33 @@ def tiny_model(family: str = "llama", *, hidden: int = 64, layers: int = 2, voca
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return model.to(dtype).eval()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+
+
+def tiny_tokenizer(vocab: int = 128, padding_side: str = "left"):
+    """A word-level fast tokenizer built in code (no hub) for :func:`tiny_model`'s vocabulary:
+    ids 0-3 are ``<pad> <s> </s> <unk>`` (the tiny Llama's pad / bos / eos), the rest lower-case
+    words (``w4`` ... plus a few English ones); splits on whitespace and punctuation, with a small
+    chat template. ``padding_side`` left, as decoder-only generation needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":", "?", ".", ",",
+             "!", "the", "a", "is", "of", "what", "add", "sort", "upper", "reverse", "hello",
+             "world", "list", "numbers", "and", "to", "in", "one", "two", "three", "four"]
+    words += [f"w{i}" for i in range(len(words), vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                eos_token="</s>", unk_token="<unk>", padding_side=padding_side)
+    t.chat_template = CHAT_TEMPLATE
+    return t
 
 
 @dataclass

@@ -130,7 +130,7 @@ def test_bad_selection_errors(tmp_path):
     with pytest.raises(ValueError, match="3"):
         m(ids, adapter_names=["a", "a"])
     with pytest.raises(TypeError, match="one adapter name per sequence"):
-        m(ids, adapter_names="a")
+        m(ids, adapter_names=7)  # a string broadcasts (issue 17); other non-lists are errors
     with pytest.raises(ValueError, match="already patched"):
         lmf.patch(m, lmf.AdapterLibrary.from_peft(dirs))
 

@@ -323,9 +323,11 @@ def test_routing_report_heatmap(setup, tmp_path):
     assert rep.mean_scores().shape == (9, T)
     p = rep.save_heatmap(str(tmp_path / "h.png"))
     assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    lmf.record_routing(m, False)
+    assert lmf.record_routing(m, False) is rep  # stopping keeps the last report
+    assert lmf.routing_report(m) is rep
+    m2 = lmf.patch(copy.deepcopy(model), lib, router=lmf.SpectR(top_k=2))
     with pytest.raises(ValueError, match="record_routing"):
-        lmf.routing_report(m)
+        lmf.routing_report(m2)  # never recorded
 
 
 def test_router_argument_errors():
