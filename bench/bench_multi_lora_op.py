@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, time_side_by_side  # noqa: E402
+from bench.common import load_line, machine, time_side_by_side  # noqa: E402
 from loramix_fast import ops, reference  # noqa: E402
 
 K = N = 2048
@@ -80,6 +80,9 @@ def _peft_layer(weight, A, B, scale):
 
 def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=POPS,
         providers=("base", "ours", "loop", "peft", "gather")) -> list[dict]:
+    import os
+
+    load0 = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
     esz = torch.empty((), dtype=dtype).element_size()
     weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
@@ -125,12 +128,16 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=P
                                  gbps=nbytes / s / 1e9, gflops=flops / s / 1e9, adapters_used=used,
                                  K=K, N=N, E=E, R=R, dtype=str(dtype).split(".")[-1],
                                  threads=torch.get_num_threads()))
+    where = f"{machine()}; {load_line(load0)}"
+    for r in rows:
+        r["machine"] = where
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    out = [f"{'M':>5} {'popularity':<10} {'provider':<7} {'ms':>9} {'x base':>7} {'GB/s':>7} "
-           f"{'GFLOP/s':>8} {'p10 ms':>9} {'p10 x':>6}"]
+    out = [f"# {rows[0]['dtype']}; {rows[0]['machine']}"] if rows and "machine" in rows[0] else []
+    out += [f"{'M':>5} {'popularity':<10} {'provider':<7} {'ms':>9} {'x base':>7} {'GB/s':>7} "
+            f"{'GFLOP/s':>8} {'p10 ms':>9} {'p10 x':>6}"]
     for r in rows:
         out.append(f"{r['M']:>5} {r['pop']:<10} {r['provider']:<7} {r['ms']:>9.3f} "
                    f"{r['ratio']:>7.3f} {r['gbps']:>7.2f} {r['gflops']:>8.1f} "

@@ -44,3 +44,10 @@ def machine(device: str = "cpu") -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
+
+
+def load_line(before: float | None = None) -> str:
+    """'load average (1 min) A -> B on N cpus' (A: ``before``, taken when the run began)."""
+    now = os.getloadavg()[0]
+    was = f"{before:.1f} -> " if before is not None else ""
+    return f"load average (1 min) {was}{now:.1f} on {os.cpu_count()} cpus"

@@ -261,7 +261,7 @@ def write_section(table: str, path: Path = RESULTS) -> None:
     try:  # keep run_all's order when the section is registered there
         from bench.run_all import SECTIONS
 
-        order = [t for _, t in SECTIONS.values()]
+        order = [v[1] for v in SECTIONS.values()]  # (module, title[, run kwargs])
     except Exception:
         order = []
     titles = [k.split("\n", 1)[0][3:].strip() for k in kept]

@@ -21,9 +21,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 
-SECTIONS = {  # key: (module, title)
+BF16 = {"dtype": torch.bfloat16}
+SECTIONS = {  # key: (module, title[, keyword arguments of run])
     "op": ("bench.bench_multi_lora_op", "Multi-LoRA linear, op level (d=2048, r=16, 32 adapters)"),
+    "op_bf16": ("bench.bench_multi_lora_op",
+                "Multi-LoRA linear, op level, bf16 (d=2048, r=16, 32 adapters)",
+                {**BF16, "Ms": (1, 16, 256, 1024), "pops": ("distinct", "uniform")}),
     "model": ("bench.bench_model", "Multi-tenant model, decode and prefill (Llama hidden 1024)"),
+    "model_bf16": ("bench.bench_model",
+                   "Multi-tenant model, bf16, decode and prefill (Llama hidden 1024)", BF16),
     "routing": ("bench.bench_routing_layer", "Routed layer: SpectR/Arrow (d=2048, T=32, r=8, k=4)"),
     "spectr_op": ("bench.bench_spectr_op", "spectr_topk scoring op"),
     "study": ("bench.routing_study", "Synthetic routing accuracy: SpectR vs Arrow"),
@@ -61,14 +67,14 @@ def main(argv=None) -> int:
             title = chunk.split("\n", 1)[0].strip()
             sections[title] = "## " + chunk.rstrip() + "\n"
     for k in keys:
-        modname, title = SECTIONS[k]
+        modname, title, *kw = SECTIONS[k]
         t0 = time.perf_counter()
         mod = importlib.import_module(modname)
-        rows = mod.run(a.quick)
+        rows = mod.run(a.quick, **(kw[0] if kw else {}))
         table = _table(mod, rows)
         print(f"== {title} ({time.perf_counter() - t0:.0f}s)\n{table}\n", flush=True)
         sections[title] = f"## {title}\n\n```\n{table}\n```\n"
-    order = [t for _, t in SECTIONS.values()]
+    order = [v[1] for v in SECTIONS.values()]
     parts = [header] + [sections[t] for t in order if t in sections]
     Path(a.out).write_text("\n".join(parts))
     print(f"wrote {a.out}")

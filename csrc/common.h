@@ -4,6 +4,8 @@
 //   LMF_AVX512          defined when the build targets AVX-512 F/BW/VL (-march=native on such a CPU)
 //   ld16(p) / ld16(p,k) 16 elements of float / bf16 / fp16 -> __m512 (masked: lanes off in k read 0)
 //   LMF_CHECK_*         argument checks whose messages name the argument
+//   CpuIsa / cpu_isa()  the kernel path chosen at run time from what the CPU has (AMX, AVX512-BF16,
+//                       AVX-512, AVX2, generic C++), capped by LORAMIX_CPU_ISA (tests force each path)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +13,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -84,6 +88,84 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
 
 inline bool is_float_type(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+// ---------------------------------------------------------------- run-time kernel paths ----------
+// Kernels compiled for an instruction set other than the build's baseline carry
+// __attribute__((target(...))) (LMF_TARGET_*), so one build holds every path and the CPU picks:
+//   kAmx        AMX-BF16 present: the library GEMMs (MKL / oneDNN run on the tiles) take large
+//               adapter groups; everything else as kAvx512Bf16
+//   kAvx512Bf16 AVX512-BF16 dot products (vdpbf16ps) on 16-bit data, fp32 accumulation
+//   kAvx512     AVX-512 F/BW/VL: 16-bit data widened to fp32 in registers, FMA
+//   kAvx2       AVX2 + FMA + F16C, 8 lanes
+//   kGeneric    plain C++ (what the compiler vectorises for the build's -march)
+// LORAMIX_CPU_ISA=amx|avx512bf16|avx512|avx2|generic (read per call) caps the path; naming one the
+// CPU lacks is an error, except amx, which only changes which GEMM runs (so it can be tested on a
+// CPU without tiles, as long as it has AVX512-BF16).
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define LMF_X86 1
+#define LMF_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LMF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define LMF_TARGET_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#include <immintrin.h>
+#endif
+
+enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+
+inline const char* isa_name(CpuIsa i) {
+  switch (i) {
+    case CpuIsa::kAmx: return "amx";
+    case CpuIsa::kAvx512Bf16: return "avx512bf16";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+// What this CPU (and its OS: __builtin_cpu_supports checks that the vector state is enabled)
+// supports; computed once.
+inline CpuIsa cpu_isa_detected() {
+  static const CpuIsa best = [] {
+#ifdef LMF_X86
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+    const bool amx = bf16 && __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile");
+#else
+    const bool amx = false;
+#endif
+    return amx ? CpuIsa::kAmx : bf16 ? CpuIsa::kAvx512Bf16 : avx512 ? CpuIsa::kAvx512
+                                                                    : avx2 ? CpuIsa::kAvx2
+                                                                           : CpuIsa::kGeneric;
+#else
+    return CpuIsa::kGeneric;
+#endif
+  }();
+  return best;
+}
+
+// The path to run now: the detected one, or the one LORAMIX_CPU_ISA names (read per call).
+inline CpuIsa cpu_isa() {
+  const CpuIsa best = cpu_isa_detected();
+  const char* s = std::getenv("LORAMIX_CPU_ISA");
+  if (s == nullptr || *s == 0) return best;
+  static const char* const names[] = {"generic", "avx2", "avx512", "avx512bf16", "amx"};
+  for (int i = 0; i < 5; ++i) {
+    if (std::strcmp(s, names[i]) != 0) continue;
+    const CpuIsa want = static_cast<CpuIsa>(i);
+    const bool ok = want <= best || (want == CpuIsa::kAmx && best >= CpuIsa::kAvx512Bf16);
+    TORCH_CHECK_VALUE(ok, "LORAMIX_CPU_ISA=", s, ": this CPU supports at most ", isa_name(best));
+    return want;
+  }
+  TORCH_CHECK_VALUE(false, "LORAMIX_CPU_ISA must be one of amx, avx512bf16, avx512, avx2, generic; got '",
+                    s, "'");
+  return best;
 }
 
 }  // namespace loramix

@@ -18,8 +18,14 @@
 //        large groups: GEMM [rows, rank] x [rank, n1-n0] into a scratch, then scatter-add rows.
 //   S = 1 without large groups (decode serving): 2 and 3 fused per block in ONE parallel region over
 //   blocks (a block owns its rows: no barrier, h never leaves the thread).
-//   fp32/fp64 add into y in place; fp16/bf16 add into an fp32 copy of y and round once at the end.
+//   fp32/fp64 add into y in place.
+// bf16/fp16 have their own path (the "16-bit path" section below): the base GEMM in fp32 (a fused
+// small-M kernel, or MKL's bf16 x bf16 -> fp32 GEMM), kernels picked at run time from the CPU
+// (AMX / AVX512-BF16 / AVX-512 / AVX2 / generic, cpu_isa() in common.h) and ONE rounding of
+// base + bias + delta; fp16 by default rounds twice (torch's fp16 GEMM is faster than MKL's).
 // multi_lora_expand (SpectR's second half) is step 3 alone, with hc from the given h [M, E, R].
+// Environment knobs (read per call; for tests and benchmarks): LORAMIX_CPU_ISA, LORAMIX_CPP_GEMM16,
+// LORAMIX_CPP_SMALL_M, LORAMIX_CPP_LARGE_GROUP.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -28,6 +34,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 namespace loramix {
@@ -44,9 +53,9 @@ constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
 // r = 16) the per-row kernels tied or beat one MKL call per 64 rows even for a 1024-row group (the
 // small GEMMs have N = r and pay a call each), so only very popular adapters take it.
 // LORAMIX_CPP_LARGE_GROUP overrides it (read per call, for benchmarks and tests).
-int64_t large_group_rows() {
+int64_t large_group_rows(int64_t dflt = 256) {
   const char* s = std::getenv("LORAMIX_CPP_LARGE_GROUP");
-  return s && *s ? std::max<int64_t>(1, std::atoll(s)) : int64_t{256};
+  return s && *s ? std::max<int64_t>(1, std::atoll(s)) : dflt;
 }
 
 // ---------------------------------------------------------------- plan (host, O(M*S + E)) --------
@@ -64,10 +73,12 @@ struct Plan {
 };
 
 // idx [M, S] int64 contiguous (values checked), w [M, S] in O or undefined, scale [E] in O,
-// rank [E] int64 (checked).
+// rank [E] int64 (checked). Small groups are cut into blocks of <= block rows; groups of >= big
+// rows are large (chunks of kGemmRows).
 template <typename O>
 Plan<O> make_plan(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& scale,
-                  const at::Tensor& rank, int64_t E) {
+                  const at::Tensor& rank, int64_t E, int64_t block = kBlock,
+                  int64_t big = large_group_rows()) {
   Plan<O> pl;
   const int64_t M = idx.size(0), S = idx.size(1);
   const int64_t* id = idx.data_ptr<int64_t>();
@@ -94,7 +105,6 @@ Plan<O> make_plan(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& 
       pl.coef[p] = wp ? static_cast<O>(wp[m * S + s] * sc[e]) : sc[e];
     }
   }
-  const int64_t big = large_group_rows();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = cnt[e + 1] - cnt[e];
     if (n == 0) continue;
@@ -107,8 +117,8 @@ Plan<O> make_plan(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& 
       for (int64_t i = 0; i < n; i += kGemmRows)
         pl.chunks.push_back({cnt[e] + i, std::min(kGemmRows, n - i), g});
     } else {
-      for (int64_t i = 0; i < n; i += kBlock)
-        pl.blocks.push_back({cnt[e] + i, std::min(kBlock, n - i), g});
+      for (int64_t i = 0; i < n; i += block)
+        pl.blocks.push_back({cnt[e] + i, std::min(block, n - i), g});
     }
   }
   pl.gbeg.push_back(pl.P);
@@ -449,6 +459,1010 @@ at::Tensor unit_last(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// ================================================================ 16-bit path (bf16 / fp16) =====
+// y = round(C + bias + delta) with C = x @ W.T in fp32 from MKL's mixed-precision GEMM (bf16 x bf16
+// -> fp32; it runs on AMX tiles where the CPU has them) or, for bf16 and small M, from the fused
+// kernel below: the whole sum is rounded ONCE. fp16 (by default, see gemm16) and torch without MKL:
+// C = float(at::addmm(bias, x, W.t())) in T, so y is rounded twice.
+// The delta's kernels, one set per run-time path (cpu_isa(), common.h), all add into fp32 rows of C:
+//   shrink  h[j, r] = c[j] * A[e, r] . x[j]: tiles of <= 4 rows x 4 ranks (1 row x 8 ranks), K in
+//           steps of 32 elements (vdpbf16ps: two products per fp32 lane) / 16 / 8 (AVX2).
+//   expand  C[j, n] += B[e, n, :rank] . h[j]. h stays fp32: for vdpbf16ps it is split into bf16
+//           parts h = hi + lo (exact to 2^-17 relative), never rounded to bf16.
+//           one row (decode): rows n, n+1 of B (16 ranks each) are one 512-bit load of rank pairs;
+//             8 such accumulators reduce to 16 outputs in 22 shuffles/adds;
+//           several rows of one adapter (bf16 path): a 16 x 16 tile of B is transposed in registers
+//             once (rank pairs x outputs) and reused by every row: 16 dot products per row and tile.
+//   round   y[n] = round(C[n] + bias[n]) per row, while the row is still in cache.
+// S = 1 without large groups: one parallel region over blocks (<= 8 rows of one adapter: shrink,
+// expand over all N, round), rows with no adapter rounded by the same items. Otherwise two phases:
+// shrink into hc [P, R], then expand + round in parallel over N ranges. Large groups (kAmx: >= 256
+// rows) run their shrink as one MKL GEMM over the gathered x rows.
+constexpr int64_t kBlock16 = 8;  // rows per block on the 16-bit path
+
+// hs[j][r] = coef[j] * A[r] . xs[j] for j < nb (1..4), r < rank; A rows sAr elements apart.
+using ShrinkFn = void (*)(const void* const* xs, int nb, const void* a, int64_t sAr, int64_t rank,
+                          int64_t K, const float* coef, float* const* hs);
+// ys[j][n] += sum_{r < rank} b[n * ldb + r] * hs[j][r] for n < nn, j < nb (any nb >= 1).
+using ExpandFn = void (*)(const void* b, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+                          const float* const* hs, float* const* ys);
+// dst[n] = round(src[n] + bias[n]) for n < nn (bias may be null).
+using RoundFn = void (*)(const float* src, const void* bias, void* dst, int64_t nn);
+struct Kern16 {
+  ShrinkFn shrink;
+  ExpandFn expand;
+  RoundFn round;
+};
+
+// ---------------------------------------------------------------- generic C++ ------------------
+namespace gen {
+template <typename T>
+void shrink(const void* const* xs_, int nb, const void* a_, int64_t sAr, int64_t rank, int64_t K,
+            const float* coef, float* const* hs) {
+  const T* const* xs = reinterpret_cast<const T* const*>(xs_);
+  const T* a = static_cast<const T*>(a_);
+  for (int64_t r = 0; r < rank; ++r) {
+    const T* ar = a + r * sAr;
+    for (int j = 0; j < nb; ++j) {
+      const T* xj = xs[j];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(ar[k]) * static_cast<float>(xj[k]);
+      hs[j][r] = coef[j] * s;
+    }
+  }
+}
+template <typename T>
+void expand(const void* b_, int64_t ldb, int64_t nn, int64_t rank, int64_t nb, const float* const* hs,
+            float* const* ys) {
+  const T* b = static_cast<const T*>(b_);
+  for (int64_t n = 0; n < nn; ++n) {
+    const T* bn = b + n * ldb;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* h = hs[j];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t r = 0; r < rank; ++r) s += static_cast<float>(bn[r]) * h[r];
+      ys[j][n] += s;
+    }
+  }
+}
+template <typename T>
+void round_row(const float* src, const void* bias_, void* dst_, int64_t nn) {
+  const T* bias = static_cast<const T*>(bias_);
+  T* dst = static_cast<T*>(dst_);
+  if (bias) {
+    for (int64_t n = 0; n < nn; ++n) dst[n] = static_cast<T>(src[n] + static_cast<float>(bias[n]));
+  } else {
+    for (int64_t n = 0; n < nn; ++n) dst[n] = static_cast<T>(src[n]);
+  }
+}
+}  // namespace gen
+
+#ifdef LMF_X86
+// ---------------------------------------------------------------- AVX2 + FMA + F16C -----------
+namespace k2 {
+template <typename T>
+LMF_TARGET_AVX2 inline __m256 ld8(const T* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  else
+    return _mm256_cvtph_ps(v);
+}
+LMF_TARGET_AVX2 inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+// [sum a0, ..., sum a7]
+LMF_TARGET_AVX2 inline __m256 reduce8(const __m256* a) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+template <typename T, int NB, int RB>
+LMF_TARGET_AVX2 void dot_tile(const T* const* xs, const T* const* as, int64_t K, float* out) {
+  __m256 acc[NB][RB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; ++r) acc[j][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = ld8(xs[j] + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 av = ld8(as[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm256_fmadd_ps(av, xv[j], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; ++r) {
+      float s = hsum8(acc[j][r]);
+      for (int64_t kk = k; kk < K; ++kk)
+        s += static_cast<float>(as[r][kk]) * static_cast<float>(xs[j][kk]);
+      out[j * RB + r] = s;
+    }
+}
+template <typename T>
+LMF_TARGET_AVX2 void shrink(const void* const* xs_, int nb, const void* a_, int64_t sAr, int64_t rank,
+                            int64_t K, const float* coef, float* const* hs) {
+  const T* const* xs = reinterpret_cast<const T* const*>(xs_);
+  const T* a = static_cast<const T*>(a_);
+  const T* xp[4];
+  for (int j = 0; j < 4; ++j) xp[j] = xs[j < nb ? j : nb - 1];
+  float out[16];
+  for (int64_t r0 = 0; r0 < rank; r0 += 4) {
+    const T* ap[4];
+    for (int i = 0; i < 4; ++i) ap[i] = a + std::min<int64_t>(r0 + i, rank - 1) * sAr;
+    if (nb == 1) dot_tile<T, 1, 4>(xp, ap, K, out);
+    else if (nb == 2) dot_tile<T, 2, 4>(xp, ap, K, out);
+    else dot_tile<T, 4, 4>(xp, ap, K, out);
+    for (int j = 0; j < nb; ++j)
+      for (int i = 0; i < 4 && r0 + i < rank; ++i) hs[j][r0 + i] = coef[j] * out[j * 4 + i];
+  }
+}
+template <typename T>
+LMF_TARGET_AVX2 void expand(const void* b_, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+                            const float* const* hs, float* const* ys) {
+  const T* b = static_cast<const T*>(b_);
+  const int64_t r8 = rank & ~int64_t{7};
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* h = hs[j];
+    float* y = ys[j];
+    int64_t n = 0;
+    for (; n + 8 <= nn; n += 8) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t r = 0; r < r8; r += 8) {
+        const __m256 hv = _mm256_loadu_ps(h + r);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(ld8(b + (n + i) * ldb + r), hv, acc[i]);
+      }
+      __m256 s = reduce8(acc);
+      if (r8 < rank) {  // rank tail (< 8 ranks), scalar
+        alignas(32) float t[8];
+        for (int i = 0; i < 8; ++i) {
+          float u = 0.f;
+          for (int64_t r = r8; r < rank; ++r) u += static_cast<float>(b[(n + i) * ldb + r]) * h[r];
+          t[i] = u;
+        }
+        s = _mm256_add_ps(s, _mm256_load_ps(t));
+      }
+      _mm256_storeu_ps(y + n, _mm256_add_ps(_mm256_loadu_ps(y + n), s));
+    }
+    for (; n < nn; ++n) {
+      float u = 0.f;
+      for (int64_t r = 0; r < rank; ++r) u += static_cast<float>(b[n * ldb + r]) * h[r];
+      y[n] += u;
+    }
+  }
+}
+template <typename T>
+LMF_TARGET_AVX2 inline __m128i round8(__m256 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round to nearest even, NaN -> 0x7FC0 (as c10)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  } else {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+template <typename T>
+LMF_TARGET_AVX2 void round_row(const float* src, const void* bias_, void* dst_, int64_t nn) {
+  const T* bias = static_cast<const T*>(bias_);
+  T* dst = static_cast<T*>(dst_);
+  int64_t n = 0;
+  for (; n + 8 <= nn; n += 8) {
+    __m256 v = _mm256_loadu_ps(src + n);
+    if (bias) v = _mm256_add_ps(v, ld8(bias + n));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n), round8<T>(v));
+  }
+  for (; n < nn; ++n) dst[n] = static_cast<T>(src[n] + (bias ? static_cast<float>(bias[n]) : 0.f));
+}
+}  // namespace k2
+
+// ---------------------------------------------------------------- AVX-512 (fp32 FMA) ----------
+namespace k512 {
+LMF_TARGET_AVX512 inline __mmask16 mask16(int64_t n) {  // first clamp(n, 0, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+template <typename T>
+LMF_TARGET_AVX512 inline __m512 ld(const T* p, __mmask16 k) {  // 16 elements -> fp32, off lanes 0
+  const __m256i v = _mm256_maskz_loadu_epi16(k, p);
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  else
+    return _mm512_cvtph_ps(v);
+}
+template <typename T>
+LMF_TARGET_AVX512 inline __m512 ld(const T* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  else
+    return _mm512_cvtph_ps(v);
+}
+// Horizontal sums of 4 vectors -> [sum p0, sum p1, sum p2, sum p3].
+LMF_TARGET_AVX512 inline __m128 hsum4(__m512 p0, __m512 p1, __m512 p2, __m512 p3) {
+  const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(p0, p1, 0x44), _mm512_shuffle_f32x4(p0, p1, 0xEE));
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(p2, p3, 0x44), _mm512_shuffle_f32x4(p2, p3, 0xEE));
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(a, c, 0x88), _mm512_shuffle_f32x4(a, c, 0xDD));
+  const __m512 e = _mm512_add_ps(d, _mm512_permute_ps(d, 0x4E));
+  const __m512 f = _mm512_add_ps(e, _mm512_permute_ps(e, 0xB1));
+  const __m512i pick = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, f));
+}
+// acc[q]: lanes 0-7 partial sums of output 2q, lanes 8-15 of output 2q + 1 -> the 16 outputs.
+LMF_TARGET_AVX512 inline __m512 reduce8(const __m512* acc) {
+  __m512 v1[4];
+  for (int i = 0; i < 4; ++i)  // 4 outputs x 4 partials
+    v1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x88),
+                          _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xDD));
+  __m512 v2[2];
+  for (int i = 0; i < 2; ++i)  // quarter q: outputs q, q + 4 (of this half) x 2 partials
+    v2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v1[2 * i], v1[2 * i + 1]),
+                          _mm512_unpackhi_ps(v1[2 * i], v1[2 * i + 1]));
+  const __m512d a = _mm512_castps_pd(v2[0]), b = _mm512_castps_pd(v2[1]);
+  const __m512 f = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  // lane 4q + i holds output q + 4i
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, f);
+}
+// Rows r0 and r1 (16 elements from b + r * ldb, masked to k; a row >= nn reads nothing) as one
+// vector of 32 16-bit values: lanes 0-7 rank pairs of r0, lanes 8-15 of r1.
+LMF_TARGET_AVX512 inline __m512i ld_pairs(const uint16_t* b, int64_t ldb, int64_t r0, int64_t nn,
+                                          __mmask16 k) {
+  const __m256i lo = r0 < nn ? _mm256_maskz_loadu_epi16(k, b + r0 * ldb) : _mm256_setzero_si256();
+  const __m256i hi = r0 + 1 < nn ? _mm256_maskz_loadu_epi16(k, b + (r0 + 1) * ldb) : _mm256_setzero_si256();
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+template <typename T, int NB, int RB>
+LMF_TARGET_AVX512 void dot_tile(const T* const* xs, const T* const* as, int64_t K, float* out) {
+  __m512 acc[NB][RB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = ld(xs[j] + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 av = ld(as[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(av, xv[j], acc[j][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = mask16(K - k);
+    __m512 xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = ld(xs[j] + k, m);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 av = ld(as[r] + k, m);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(av, xv[j], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; r += 4)
+      _mm_storeu_ps(out + j * RB + r, hsum4(acc[j][r], acc[j][r + 1], acc[j][r + 2], acc[j][r + 3]));
+}
+template <typename T>
+LMF_TARGET_AVX512 void shrink(const void* const* xs_, int nb, const void* a_, int64_t sAr,
+                              int64_t rank, int64_t K, const float* coef, float* const* hs) {
+  const T* const* xs = reinterpret_cast<const T* const*>(xs_);
+  const T* a = static_cast<const T*>(a_);
+  const T* xp[4];
+  for (int j = 0; j < 4; ++j) xp[j] = xs[j < nb ? j : nb - 1];
+  const int RB = nb == 1 ? 8 : 4;
+  float out[32];
+  for (int64_t r0 = 0; r0 < rank; r0 += RB) {
+    const T* ap[8];
+    for (int i = 0; i < RB; ++i) ap[i] = a + std::min<int64_t>(r0 + i, rank - 1) * sAr;
+    if (nb == 1) dot_tile<T, 1, 8>(xp, ap, K, out);
+    else if (nb == 2) dot_tile<T, 2, 4>(xp, ap, K, out);
+    else dot_tile<T, 4, 4>(xp, ap, K, out);
+    for (int j = 0; j < nb; ++j)
+      for (int i = 0; i < RB && r0 + i < rank; ++i) hs[j][r0 + i] = coef[j] * out[j * RB + i];
+  }
+}
+// Even / odd elements of 16 packed pairs as fp32.
+template <typename T>
+LMF_TARGET_AVX512 inline void unpair(__m512i v, __m512& ev, __m512& od) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    od = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    ev = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    od = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+  }
+}
+// y[n] += b[n, :rank] . h for n < nn (one row), rank pairs in fp32 lanes (see reduce8).
+template <typename T>
+LMF_TARGET_AVX512 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int64_t rank,
+                                  const float* h, float* y) {
+  const __m512i ev_idx = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i od_idx = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 15, 13, 11, 9, 7, 5, 3, 1);
+  const bool whole = rank == 16 && ldb == 16;  // rows n, n + 1 are one 64-byte load
+  for (int64_t c0 = 0; c0 < rank; c0 += 16) {
+    const __mmask16 km = mask16(rank - c0);
+    const __m512 hv = _mm512_maskz_loadu_ps(km, h + c0);
+    const __m512 he = _mm512_permutexvar_ps(ev_idx, hv), ho = _mm512_permutexvar_ps(od_idx, hv);
+    const uint16_t* bc = b + c0;
+    for (int64_t n = 0; n < nn; n += 16) {
+      __m512 acc[8];
+      for (int q = 0; q < 8; ++q) acc[q] = _mm512_setzero_ps();
+      const bool full = n + 16 <= nn;
+      for (int q = 0; q < 8; ++q) {
+        const __m512i v = whole && full ? _mm512_loadu_si512(bc + (n + 2 * q) * 16)
+                                        : ld_pairs(bc, ldb, n + 2 * q, nn, km);
+        __m512 ev, od;
+        unpair<T>(v, ev, od);
+        acc[q] = _mm512_fmadd_ps(od, ho, _mm512_fmadd_ps(ev, he, acc[q]));
+      }
+      const __m512 s = reduce8(acc);
+      const __mmask16 kn = mask16(nn - n);
+      _mm512_mask_storeu_ps(y + n, kn, _mm512_add_ps(_mm512_maskz_loadu_ps(kn, y + n), s));
+    }
+  }
+}
+template <typename T>
+LMF_TARGET_AVX512 void expand(const void* b, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+                              const float* const* hs, float* const* ys) {
+  for (int64_t j = 0; j < nb; ++j)
+    expand_one<T>(static_cast<const uint16_t*>(b), ldb, nn, rank, hs[j], ys[j]);
+}
+template <typename T>
+LMF_TARGET_AVX512 inline __m256i round16(__m512 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round to nearest even, NaN -> 0x7FC0 (as c10)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+  } else {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+template <typename T>
+LMF_TARGET_AVX512 void round_row(const float* src, const void* bias_, void* dst_, int64_t nn) {
+  const T* bias = static_cast<const T*>(bias_);
+  T* dst = static_cast<T*>(dst_);
+  for (int64_t n = 0; n < nn; n += 16) {
+    const __mmask16 k = mask16(nn - n);
+    __m512 v = _mm512_maskz_loadu_ps(k, src + n);
+    if (bias) v = _mm512_add_ps(v, ld(bias + n, k));
+    _mm256_mask_storeu_epi16(dst + n, k, round16<T>(v));
+  }
+}
+}  // namespace k512
+
+// ---------------------------------------------------------------- AVX512-BF16 -----------------
+namespace kbf16 {
+using k512::mask16;
+LMF_TARGET_BF16 inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+template <int NB, int RB>
+LMF_TARGET_BF16 void dot_tile(const uint16_t* const* xs, const uint16_t* const* as, int64_t K, float* out) {
+  __m512 acc[NB][RB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_si512(xs[j] + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i av = _mm512_loadu_si512(as[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = dp(acc[j][r], av, xv[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512i xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_maskz_loadu_epi16(m, xs[j] + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i av = _mm512_maskz_loadu_epi16(m, as[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = dp(acc[j][r], av, xv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; r += 4)
+      _mm_storeu_ps(out + j * RB + r,
+                    k512::hsum4(acc[j][r], acc[j][r + 1], acc[j][r + 2], acc[j][r + 3]));
+}
+LMF_TARGET_BF16 void shrink(const void* const* xs_, int nb, const void* a_, int64_t sAr, int64_t rank,
+                            int64_t K, const float* coef, float* const* hs) {
+  const uint16_t* const* xs = reinterpret_cast<const uint16_t* const*>(xs_);
+  const uint16_t* a = static_cast<const uint16_t*>(a_);
+  const uint16_t* xp[4];
+  for (int j = 0; j < 4; ++j) xp[j] = xs[j < nb ? j : nb - 1];
+  const int RB = nb == 1 ? 8 : 4;
+  float out[32];
+  for (int64_t r0 = 0; r0 < rank; r0 += RB) {
+    const uint16_t* ap[8];
+    for (int i = 0; i < RB; ++i) ap[i] = a + std::min<int64_t>(r0 + i, rank - 1) * sAr;
+    if (nb == 1) dot_tile<1, 8>(xp, ap, K, out);
+    else if (nb == 2) dot_tile<2, 4>(xp, ap, K, out);
+    else dot_tile<4, 4>(xp, ap, K, out);
+    for (int j = 0; j < nb; ++j)
+      for (int i = 0; i < RB && r0 + i < rank; ++i) hs[j][r0 + i] = coef[j] * out[j * RB + i];
+  }
+}
+// h[c0 : c0 + 16] (zero past rank) as bf16 parts hi + lo, each as 16 values.
+LMF_TARGET_BF16 inline void split(const float* h, int64_t c0, int64_t rank, __m256i& hi, __m256i& lo) {
+  const __m512 hv = _mm512_maskz_loadu_ps(mask16(rank - c0), h + c0);
+  hi = (__m256i)_mm512_cvtneps_pbh(hv);
+  const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+  lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(hv, hf));
+}
+// y[n] += b[n, :rank] . h for n < nn (one row): rows n, n + 1 per 512-bit vector of rank pairs.
+LMF_TARGET_BF16 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int64_t rank,
+                                const float* h, float* y) {
+  const bool whole = rank == 16 && ldb == 16;  // rows n, n + 1 are one 64-byte load
+  for (int64_t c0 = 0; c0 < rank; c0 += 16) {
+    const __mmask16 km = mask16(rank - c0);
+    __m256i hi, lo;
+    split(h, c0, rank, hi, lo);
+    const __m512i H = _mm512_broadcast_i64x4(hi), L = _mm512_broadcast_i64x4(lo);
+    const uint16_t* bc = b + c0;
+    int64_t n = 0;
+    if (whole) {
+      for (; n + 16 <= nn; n += 16) {
+        __m512 acc[8];
+        for (int q = 0; q < 8; ++q) {
+          const __m512i v = _mm512_loadu_si512(bc + (n + 2 * q) * 16);
+          acc[q] = dp(dp(_mm512_setzero_ps(), v, H), v, L);
+        }
+        _mm512_storeu_ps(y + n, _mm512_add_ps(_mm512_loadu_ps(y + n), k512::reduce8(acc)));
+      }
+    }
+    for (; n < nn; n += 16) {
+      __m512 acc[8];
+      for (int q = 0; q < 8; ++q) {
+        const __m512i v = k512::ld_pairs(bc, ldb, n + 2 * q, nn, km);
+        acc[q] = dp(dp(_mm512_setzero_ps(), v, H), v, L);
+      }
+      const __mmask16 kn = mask16(nn - n);
+      _mm512_mask_storeu_ps(y + n, kn, _mm512_add_ps(_mm512_maskz_loadu_ps(kn, y + n), k512::reduce8(acc)));
+    }
+  }
+}
+// Several rows of one adapter: per tile of 16 outputs and 16 ranks, B is transposed once into
+// T[p] (lane l = the rank pair p of output n + l) and every row takes 2 * NP dot products with it.
+template <int NP>
+LMF_TARGET_BF16 void expand_many_chunk(const uint16_t* bc, int64_t ldb, int64_t nn, __mmask16 km,
+                                       int64_t nb, const uint32_t* hp, const uint32_t* lp,
+                                       float* const* ys) {
+  const __m512i lo_idx = _mm512_set_epi32(27, 26, 25, 24, 11, 10, 9, 8, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 23, 22, 21, 20, 7, 6, 5, 4);
+  for (int64_t n = 0; n < nn; n += 16) {
+    __m512i z[8];  // z[i]: output rows n + i (low half) and n + 8 + i (high half), 8 pairs each
+    for (int i = 0; i < 8; ++i) {
+      const int64_t r0 = n + i, r1 = n + 8 + i;
+      const __m256i a = r0 < nn ? _mm256_maskz_loadu_epi16(km, bc + r0 * ldb) : _mm256_setzero_si256();
+      const __m256i c = r1 < nn ? _mm256_maskz_loadu_epi16(km, bc + r1 * ldb) : _mm256_setzero_si256();
+      z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
+    }
+    // 8 x 8 dword transposes in both halves at once
+    __m512i t[8], u[8], T[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
+    }
+    for (int g = 0; g < 2; ++g) {  // rows 4g .. 4g + 3 of each half
+      u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g + 0], t[4 * g + 2]);  // pair 0 | pair 4
+      u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g + 0], t[4 * g + 2]);  // pair 1 | pair 5
+      u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);  // pair 2 | pair 6
+      u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);  // pair 3 | pair 7
+    }
+    for (int k = 0; k < 4; ++k) {
+      T[k] = _mm512_permutex2var_epi32(u[k], lo_idx, u[k + 4]);
+      T[k + 4] = _mm512_permutex2var_epi32(u[k], hi_idx, u[k + 4]);
+    }
+    const __mmask16 kn = mask16(nn - n);
+    for (int64_t j = 0; j < nb; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int p = 0; p < NP; ++p) {
+        acc = dp(acc, T[p], _mm512_set1_epi32(static_cast<int>(hp[j * 8 + p])));
+        acc = dp(acc, T[p], _mm512_set1_epi32(static_cast<int>(lp[j * 8 + p])));
+      }
+      float* y = ys[j] + n;
+      _mm512_mask_storeu_ps(y, kn, _mm512_add_ps(_mm512_maskz_loadu_ps(kn, y), acc));
+    }
+  }
+}
+LMF_TARGET_BF16 void expand(const void* b_, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+                            const float* const* hs, float* const* ys) {
+  const uint16_t* b = static_cast<const uint16_t*>(b_);
+  if (nb == 1) return expand_one(b, ldb, nn, rank, hs[0], ys[0]);
+  alignas(64) uint32_t hp[8 * 8], lp[8 * 8];  // per row: 8 rank pairs of the chunk (hi / lo)
+  for (int64_t j0 = 0; j0 < nb; j0 += 8) {
+    const int64_t jn = std::min<int64_t>(8, nb - j0);
+    for (int64_t c0 = 0; c0 < rank; c0 += 16) {
+      for (int64_t j = 0; j < jn; ++j) {
+        __m256i hi, lo;
+        split(hs[j0 + j], c0, rank, hi, lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hp + j * 8), hi);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lp + j * 8), lo);
+      }
+      const __mmask16 km = mask16(rank - c0);
+      if (rank - c0 <= 8) expand_many_chunk<4>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
+      else expand_many_chunk<8>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
+    }
+  }
+}
+LMF_TARGET_BF16 void round_row(const float* src, const void* bias_, void* dst_, int64_t nn) {
+  const uint16_t* bias = static_cast<const uint16_t*>(bias_);
+  uint16_t* dst = static_cast<uint16_t*>(dst_);
+  for (int64_t n = 0; n < nn; n += 16) {
+    const __mmask16 k = mask16(nn - n);
+    __m512 v = _mm512_maskz_loadu_ps(k, src + n);
+    if (bias)
+      v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, bias + n)), 16)));
+    _mm256_mask_storeu_epi16(dst + n, k, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+// Small M (decode), AVX512-BF16: the base GEMM itself, fused. Per panel of 16 output columns:
+// P[m, :] = x[m] @ W[n0:n0+16].T for every row (4 x 4 tiles of vdpbf16ps over K: the 4 rows of W
+// stay in L1 while the rows of x stream from L2), then per row P[m] + bias + the row's adapter
+// expand (one tile of expand_one per slot, h as bf16 hi + lo), rounded once and stored. W is read
+// exactly once, y written once, nothing of size M x N in fp32.
+// hl[p]: the hi / lo parts of pair p's scaled shrink output, R16 values each (zero past rank).
+struct SmallPair { const uint16_t* b; int64_t rank; const uint16_t* hl; };
+LMF_TARGET_BF16 void small_panel(const uint16_t* x, int64_t sx, int64_t M, const uint16_t* W,
+                                 int64_t sW, int64_t n0, int64_t nn, int64_t K, const uint16_t* bias,
+                                 const SmallPair* pairs, const int64_t* pbeg, int64_t ldb, int64_t R16,
+                                 float* P, uint16_t* y, int64_t ldy) {
+  // P [M][16]: base products of this panel
+  for (int64_t c0 = 0; c0 < nn; c0 += 4) {
+    const uint16_t* wp[8];
+    for (int i = 0; i < 4; ++i) wp[i] = W + (n0 + std::min<int64_t>(c0 + i, nn - 1)) * sW;
+    float out[16];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const uint16_t* xp[4];
+      for (int j = 0; j < 4; ++j) xp[j] = x + (m0 + std::min<int64_t>(j, mb - 1)) * sx;
+      if (mb == 1) dot_tile<1, 4>(xp, wp, K, out);
+      else if (mb == 2) dot_tile<2, 4>(xp, wp, K, out);
+      else dot_tile<4, 4>(xp, wp, K, out);
+      for (int64_t j = 0; j < mb; ++j)
+        for (int i = 0; i < 4; ++i) P[(m0 + j) * 16 + c0 + i] = out[j * 4 + i];
+    }
+  }
+  const __mmask16 kn = mask16(nn);
+  const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(kn, bias + n0)), 16))
+                         : _mm512_setzero_ps();
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(kn, P + m * 16), bv);
+    for (int64_t q = pbeg[m]; q < pbeg[m + 1]; ++q) {
+      const SmallPair& sp = pairs[q];
+      const uint16_t* bc0 = sp.b + n0 * ldb;
+      for (int64_t c0 = 0; c0 < sp.rank; c0 += 16) {
+        const __mmask16 km = mask16(sp.rank - c0);
+        const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp.hl + c0)));
+        const __m512i L = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp.hl + R16 + c0)));
+        __m512 acc[8];
+        if (nn == 16 && ldb == 16 && sp.rank == 16) {
+          for (int i = 0; i < 8; ++i) {
+            const __m512i bq = _mm512_loadu_si512(bc0 + 2 * i * 16);
+            acc[i] = dp(dp(_mm512_setzero_ps(), bq, H), bq, L);
+          }
+        } else {
+          for (int i = 0; i < 8; ++i) {
+            const __m512i bq = k512::ld_pairs(bc0 + c0, ldb, 2 * i, nn, km);
+            acc[i] = dp(dp(_mm512_setzero_ps(), bq, H), bq, L);
+          }
+        }
+        v = _mm512_add_ps(v, k512::reduce8(acc));
+      }
+    }
+    _mm256_mask_storeu_epi16(y + m * ldy + n0, kn, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+// h (fp32, rank values) -> hl [2 * R16] bf16: hi then lo (zero past rank)
+LMF_TARGET_BF16 void split_row(const float* h, int64_t rank, int64_t R16, uint16_t* hl) {
+  for (int64_t c0 = 0; c0 < R16; c0 += 16) {
+    __m256i hi, lo;
+    split(h, c0, rank, hi, lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hl + c0), hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hl + R16 + c0), lo);
+  }
+}
+}  // namespace kbf16
+#endif  // LMF_X86
+
+template <typename T>
+Kern16 kernels16(CpuIsa isa) {
+#ifdef LMF_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (isa >= CpuIsa::kAvx512Bf16) return {kbf16::shrink, kbf16::expand, kbf16::round_row};
+  }
+  if (isa >= CpuIsa::kAvx512) return {k512::shrink<T>, k512::expand<T>, k512::round_row<T>};
+  if (isa >= CpuIsa::kAvx2) return {k2::shrink<T>, k2::expand<T>, k2::round_row<T>};
+#endif
+  return {gen::shrink<T>, gen::expand<T>, gen::round_row<T>};
+}
+
+// ---------------------------------------------------------------- base GEMM with fp32 output ---
+using Gemm16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*,
+                        int, float, float*, int);
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+#if defined(LMF_X86) && defined(__linux__)
+}  // namespace
+}  // namespace loramix
+extern "C" {
+// MKL's mixed-precision GEMMs (row-major C = alpha op(A) op(B) + beta C, 16-bit inputs, fp32 C, LP64
+// ints), exported by libtorch_cpu where torch links MKL (the x86 wheels); weak: null where not.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                          float* c, int ldc) __attribute__((weak));
+}
+namespace loramix {
+namespace {
+const Gemm16 kMklBf16 = cblas_gemm_bf16bf16f32, kMklF16 = cblas_gemm_f16f16f32;
+#else
+const Gemm16 kMklBf16 = nullptr, kMklF16 = nullptr;
+#endif
+
+// MKL's GEMM for T, or null (then at::addmm in T: two roundings). Default: MKL for bf16; torch's
+// GEMM for fp16 (MKL's fp16 GEMM measured 2.5-4x slower than torch's fp16 F.linear at M <= 16 on
+// a Xeon with AVX512-FP16, which oneDNN uses). LORAMIX_CPP_GEMM16=mkl|aten (read per call) picks.
+template <typename T>
+Gemm16 gemm16() {
+  constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+  const Gemm16 mkl = bf16 ? kMklBf16 : kMklF16;
+  const char* s = std::getenv("LORAMIX_CPP_GEMM16");
+  if (s && *s) {
+    TORCH_CHECK_VALUE(std::strcmp(s, "mkl") == 0 || std::strcmp(s, "aten") == 0,
+                      "LORAMIX_CPP_GEMM16 must be 'mkl' or 'aten', got '", s, "'");
+    return std::strcmp(s, "aten") == 0 ? nullptr : mkl;
+  }
+  return bf16 ? mkl : nullptr;
+}
+
+// A logical [rows, cols] matrix t as a row-major GEMM operand: (data, transposed?, leading dim).
+struct Operand {
+  at::Tensor keep;
+  const uint16_t* p;
+  int trans;
+  int64_t ld;
+};
+Operand operand(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if ((cols <= 1 || t.stride(1) == 1) && (rows <= 1 || t.stride(0) >= std::max<int64_t>(1, cols)))
+    return {at::Tensor(), static_cast<const uint16_t*>(t.data_ptr()), kCblasNoTrans,
+            rows <= 1 ? std::max<int64_t>(1, cols) : t.stride(0)};
+  if ((rows <= 1 || t.stride(0) == 1) && (cols <= 1 || t.stride(1) >= std::max<int64_t>(1, rows)))
+    return {at::Tensor(), static_cast<const uint16_t*>(t.data_ptr()), kCblasTrans,
+            cols <= 1 ? std::max<int64_t>(1, rows) : t.stride(1)};
+  at::Tensor c = t.contiguous();
+  return {c, static_cast<const uint16_t*>(c.data_ptr()), kCblasNoTrans, std::max<int64_t>(1, cols)};
+}
+
+bool fits_int(std::initializer_list<int64_t> v) {
+  for (int64_t i : v)
+    if (i > std::numeric_limits<int>::max()) return false;
+  return true;
+}
+
+// C [M, N] fp32 contiguous = x @ W.T (MKL, exact products, fp32 sums); bias_in_c reports whether
+// the fallback (at::addmm in T, rounded, then widened) already added the bias.
+template <typename T>
+at::Tensor base_f32(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                    bool& bias_in_c) {
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
+  const Gemm16 g = gemm16<T>();
+  if (g != nullptr && fits_int({M, N, K})) {
+    bias_in_c = false;
+    at::Tensor C = at::empty({M, N}, x.options().dtype(at::kFloat));
+    if (M == 0 || N == 0) return C;
+    if (K == 0) return C.zero_();
+    const Operand a = operand(x), b = operand(W.t());
+    if (fits_int({a.ld, b.ld})) {
+      g(kCblasRowMajor, a.trans, b.trans, static_cast<int>(M), static_cast<int>(N),
+        static_cast<int>(K), 1.f, a.p, static_cast<int>(a.ld), b.p, static_cast<int>(b.ld), 0.f,
+        C.data_ptr<float>(), static_cast<int>(N));
+      return C;
+    }
+  }
+  bias_in_c = bias.has_value() && bias->defined();
+  const at::Tensor y = bias_in_c ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
+  return y.to(at::kFloat).contiguous();
+}
+
+// Large groups' shrink as one MKL GEMM each: hc[p, :rank] = c[p] * (x[rows] @ A[e, :rank].T).
+template <typename T>
+void shrink_large16(const Plan<float>& pl, const at::Tensor& x, const at::Tensor& A, Gemm16 g,
+                    float* hc, int64_t R) {
+  const int64_t K = x.size(1), sx = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  for (int64_t grp : pl.large) {
+    const int64_t p0 = pl.gbeg[grp], n = pl.gbeg[grp + 1] - p0, rank = pl.grank[grp];
+    at::Tensor xg = at::empty({n, K}, x.options());  // the group's rows, gathered (T)
+    T* xgp = xg.data_ptr<T>();
+    at::parallel_for(0, n, std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, K)),
+                     [&](int64_t i0, int64_t i1) {
+                       for (int64_t i = i0; i < i1; ++i)
+                         std::memcpy(xgp + i * K, xp + pl.row[p0 + i] * sx, K * sizeof(T));
+                     });
+    at::Tensor h = at::empty({n, rank}, x.options().dtype(at::kFloat));
+    const T* Ae = A.data_ptr<T>() + pl.gexp[grp] * A.stride(0);
+    g(kCblasRowMajor, kCblasNoTrans, kCblasTrans, static_cast<int>(n), static_cast<int>(rank),
+      static_cast<int>(K), 1.f, reinterpret_cast<const uint16_t*>(xgp), static_cast<int>(K),
+      reinterpret_cast<const uint16_t*>(Ae), static_cast<int>(A.stride(1)), 0.f,
+      h.data_ptr<float>(), static_cast<int>(rank));
+    const float* hp = h.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < rank; ++r) hc[(p0 + i) * R + r] = pl.coef[p0 + i] * hp[i * rank + r];
+  }
+}
+
+// Phase 2 of the two-phase path: C[row[p], :] += B[e] @ hc[p] for every pair (parallel over N
+// ranges: a row's slots are summed by one thread), then y = round(C + bias), row by row.
+void expand_round16(const Plan<float>& pl, const Kern16& kn, const void* Bp, int64_t esz,
+                    int64_t sBe, int64_t sBn, const float* hc, int64_t R, float* C, int64_t M,
+                    int64_t N, const void* bias, void* y) {
+  int64_t work_per_n = M;  // rounding
+  for (const auto& blk : pl.blocks) work_per_n += blk.nb * pl.grank[blk.g];
+  for (int64_t g : pl.large) work_per_n += (pl.gbeg[g + 1] - pl.gbeg[g]) * pl.grank[g];
+  const int64_t grain = std::max<int64_t>(64, kMinWorkPerThread / std::max<int64_t>(1, work_per_n));
+  const char* Bc = static_cast<const char*>(Bp);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const int64_t nn = n1 - n0;
+    std::vector<const float*> hs;
+    std::vector<float*> ys;
+    auto run = [&](int64_t p0, int64_t np, int64_t g) {
+      hs.resize(np);
+      ys.resize(np);
+      for (int64_t j = 0; j < np; ++j) {
+        hs[j] = hc + (p0 + j) * R;
+        ys[j] = C + pl.row[p0 + j] * N + n0;
+      }
+      kn.expand(Bc + (pl.gexp[g] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[g], np, hs.data(),
+                ys.data());
+    };
+    for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
+    for (int64_t g : pl.large) run(pl.gbeg[g], pl.gbeg[g + 1] - pl.gbeg[g], g);
+    for (int64_t m = 0; m < M; ++m)
+      kn.round(C + m * N + n0, bias ? static_cast<const char*>(bias) + n0 * esz : nullptr,
+               static_cast<char*>(y) + (m * N + n0) * esz, nn);
+  });
+}
+
+// Rows up to which bf16 runs the fused small-M kernel (kbf16::small_panel) instead of MKL + the
+// delta kernels. AVX512-BF16 without tiles: 64 (measured on a 2-core Xeon with AVX512-BF16, d =
+// 2048: the fused kernel 0.5-0.8x of torch's bf16 F.linear up to M = 16, level with it at 32-64,
+// while MKL's fp32-output GEMM costs 1.2-1.35x there; they meet near M = 96). AMX: 16, a guess
+// (not measured: the library GEMMs run on the tiles). LORAMIX_CPP_SMALL_M overrides (per call).
+int64_t small_m_rows(CpuIsa isa) {
+  const char* s = std::getenv("LORAMIX_CPP_SMALL_M");
+  if (s && *s) return std::atoll(s);
+  return isa == CpuIsa::kAmx ? 16 : 64;
+}
+
+#ifdef LMF_X86
+// bf16, M <= small_m_rows(), W with unit last stride: shrink of every pair (parallel over blocks),
+// then one pass over W in panels of 16 output columns (parallel over panels), each panel's base
+// products, bias and adapter expand rounded once.
+at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
+                   const at::Tensor& B, const Meta& mt, const std::optional<at::Tensor>& bias_,
+                   const Kern16& kn) {
+  using T = c10::BFloat16;
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
+  const int64_t S = mt.idx.size(1), R16 = (std::max<int64_t>(R, 1) + 15) / 16 * 16;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor bias_t;
+  if (bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
+  Plan<float> pl;
+  if (E > 0 && R > 0 && S > 0)
+    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16,
+                          std::numeric_limits<int64_t>::max());
+  const T* xp = x.data_ptr<T>();
+  const T* Ap = A.data_ptr<T>();
+  const int64_t sx = x.stride(0), sAe = A.stride(0), sAr = A.stride(1);
+  std::vector<uint16_t> hl(static_cast<size_t>(pl.P) * 2 * R16);
+  std::vector<int64_t> pbeg(M + 1, 0);
+  std::vector<kbf16::SmallPair> pairs(pl.P);
+  if (pl.P > 0) {
+    const auto& bl = pl.blocks;
+    int64_t work = 0;
+    for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
+    const int64_t nblk = static_cast<int64_t>(bl.size());
+    // a decode step's shrink (16 rows x 16 ranks x 2048: 0.5 M multiply-adds, ~15 us) stays on one
+    // core: the panels are this op's only parallel region (a region boundary costs a scheduler
+    // slice when the machine is oversubscribed)
+    const int64_t grain = work < 8 * kMinWorkPerThread
+                              ? std::max<int64_t>(1, nblk)
+                              : std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
+    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> hbuf(4 * std::max<int64_t>(R, 1));
+      for (int64_t b = b0; b < b1; ++b) {
+        const auto& blk = bl[b];
+        const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
+        for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
+          const void* xs[4];
+          float* hs[4];
+          const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
+          for (int j = 0; j < nbj; ++j) {
+            xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx;
+            hs[j] = hbuf.data() + j * R;
+          }
+          kn.shrink(xs, nbj, Ap + e * sAe, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
+          for (int j = 0; j < nbj; ++j)
+            kbf16::split_row(hs[j], rank, R16, hl.data() + (blk.p0 + j0 + j) * 2 * R16);
+        }
+      }
+    });
+    for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
+    for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
+    std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
+    const uint16_t* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<T>());
+    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
+      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
+        pairs[pos[pl.row[p]]++] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g],
+                                   hl.data() + p * 2 * R16};
+  }
+  const int64_t npanel = (N + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, M * 16 * K));
+  const uint16_t* Wp = reinterpret_cast<const uint16_t*>(W.data_ptr<T>());
+  const uint16_t* bp = bias_t.defined() ? reinterpret_cast<const uint16_t*>(bias_t.data_ptr<T>()) : nullptr;
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<T>());
+  at::parallel_for(0, npanel, grain, [&](int64_t q0, int64_t q1) {
+    std::vector<float> P(M * 16);
+    for (int64_t q = q0; q < q1; ++q)
+      kbf16::small_panel(reinterpret_cast<const uint16_t*>(xp), sx, M, Wp, W.stride(0), q * 16,
+                         std::min<int64_t>(16, N - q * 16), K, bp, pairs.data(), pbeg.data(),
+                         B.stride(1), R16, P.data(), yp, N);
+  });
+  return y;
+}
+#endif
+
+// y [M, N] in T = x @ W.T + bias + delta, rounded once (see the section header).
+template <typename T>
+at::Tensor linear16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
+                    const at::Tensor& B, const Meta& mt, const std::optional<at::Tensor>& bias_) {
+  const CpuIsa isa = cpu_isa();
+  const Kern16 kn = kernels16<T>(isa);
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
+  const int64_t S = mt.idx.size(1);
+#ifdef LMF_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (isa >= CpuIsa::kAvx512Bf16 && M <= small_m_rows(isa) && (K <= 1 || W.stride(1) == 1))
+      return small16(x, W, A, B, mt, bias_, kn);
+  }
+#endif
+  bool bias_in_c = false;
+  at::Tensor C = base_f32<T>(x, W, bias_, bias_in_c);  // [M, N] fp32
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor bias_t;
+  if (!bias_in_c && bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
+  const void* bias = bias_t.defined() ? bias_t.data_ptr() : nullptr;
+  float* Cp = C.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  const Gemm16 g = gemm16<T>();
+  const int64_t big = large_group_rows(isa == CpuIsa::kAmx && g != nullptr
+                                           ? int64_t{256} : std::numeric_limits<int64_t>::max());
+  Plan<float> pl;
+  if (E > 0 && R > 0 && S > 0)
+    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16, g != nullptr ? big
+                                                          : std::numeric_limits<int64_t>::max());
+  const T* xp = x.data_ptr<T>();
+  const T* Ap = A.data_ptr<T>();
+  const T* Bp = B.data_ptr<T>();
+  const int64_t sx = x.stride(0), sAe = A.stride(0), sAr = A.stride(1), sBe = B.stride(0),
+                sBn = B.stride(1);
+  if (pl.P == 0 || (S == 1 && pl.chunks.empty())) {
+    // One parallel region over blocks; block b also rounds its share of the rows with no adapter.
+    std::vector<int64_t> plain;
+    {
+      std::vector<char> has(M, 0);
+      for (int64_t p = 0; p < pl.P; ++p) has[pl.row[p]] = 1;
+      for (int64_t m = 0; m < M; ++m)
+        if (!has[m]) plain.push_back(m);
+    }
+    const int64_t nblk = static_cast<int64_t>(pl.blocks.size()), nplain = static_cast<int64_t>(plain.size());
+    const int64_t items = std::max<int64_t>({int64_t{1}, nblk, (nplain + 15) / 16});
+    const int64_t per = (nplain + items - 1) / items;
+    int64_t work = static_cast<int64_t>(plain.size()) * N;
+    for (const auto& blk : pl.blocks) work += blk.nb * (pl.grank[blk.g] * (K + N) + N);
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * items / std::max<int64_t>(1, work));
+    at::parallel_for(0, items, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> hbuf(kBlock16 * std::max<int64_t>(R, 1));
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b < nblk) {
+          const auto& blk = pl.blocks[b];
+          const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g], nb = blk.nb;
+          const void* xs[kBlock16];
+          float* hs[kBlock16];
+          float* ys[kBlock16];
+          for (int64_t j = 0; j < nb; ++j) {
+            xs[j] = xp + pl.row[blk.p0 + j] * sx;
+            hs[j] = hbuf.data() + j * R;
+            ys[j] = Cp + pl.row[blk.p0 + j] * N;
+          }
+          for (int64_t j = 0; j < nb; j += 4)
+            kn.shrink(xs + j, static_cast<int>(std::min<int64_t>(4, nb - j)), Ap + e * sAe, sAr,
+                      rank, K, pl.coef.data() + blk.p0 + j, hs + j);
+          kn.expand(Bp + e * sBe, sBn, N, rank, nb, hs, ys);
+          for (int64_t j = 0; j < nb; ++j)
+            kn.round(ys[j], bias, yp + pl.row[blk.p0 + j] * N, N);
+        }
+        const int64_t q1 = std::min<int64_t>(nplain, (b + 1) * per);
+        for (int64_t q = b * per; q < q1; ++q) kn.round(Cp + plain[q] * N, bias, yp + plain[q] * N, N);
+      }
+    });
+    return y;
+  }
+  // Two phases: shrink of every pair into hc, then expand + round over N ranges.
+  at::Tensor hc_t = at::empty({pl.P, R}, x.options().dtype(at::kFloat));
+  float* hc = hc_t.data_ptr<float>();
+  {
+    const auto& bl = pl.blocks;
+    int64_t work = 0;
+    for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
+    const int64_t nblk = static_cast<int64_t>(bl.size());
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
+    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const auto& blk = bl[b];
+        const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
+        for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
+          const void* xs[4];
+          float* hs[4];
+          const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
+          for (int j = 0; j < nbj; ++j) {
+            xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx;
+            hs[j] = hc + (blk.p0 + j0 + j) * R;
+          }
+          kn.shrink(xs, nbj, Ap + e * sAe, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
+        }
+      }
+    });
+  }
+  if (!pl.large.empty()) shrink_large16<T>(pl, x, A, g, hc, R);
+  expand_round16(pl, kn, Bp, sizeof(T), sBe, sBn, hc, R, Cp, M, N, bias, yp);
+  return y;
+}
+
+// multi_lora_expand on 16-bit y and B: out = round(float(y) + delta), one rounding.
+template <typename T>
+at::Tensor expand16(const at::Tensor& y, const at::Tensor& h, const at::Tensor& B, const Meta& mt) {
+  const Kern16 kn = kernels16<T>(cpu_isa());
+  const int64_t M = y.size(0), N = y.size(1), E = B.size(0), R = B.size(2);
+  at::Tensor C = y.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, y.options().memory_format(at::MemoryFormat::Contiguous));
+  Plan<float> pl;
+  if (M > 0 && N > 0 && E > 0 && R > 0 && mt.idx.size(1) > 0)
+    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16,
+                          std::numeric_limits<int64_t>::max());
+  at::Tensor hc_t = at::empty({pl.P, std::max<int64_t>(R, 1)}, C.options());
+  float* hcp = hc_t.data_ptr<float>();
+  if (pl.P > 0) {
+    const at::Tensor ho = h.to(at::kFloat);
+    const auto ha = ho.accessor<float, 3>();
+    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g) {
+      const int64_t e = pl.gexp[g], rk = pl.grank[g];
+      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
+        for (int64_t r = 0; r < rk; ++r) hcp[p * R + r] = pl.coef[p] * ha[pl.row[p]][e][r];
+    }
+  }
+  if (M == 0 || N == 0) return out;
+  expand_round16(pl, kn, B.data_ptr(), sizeof(T), B.stride(0), B.stride(1), hcp,
+                 std::max<int64_t>(R, 1), C.data_ptr<float>(), M, N, nullptr, out.data_ptr());
+  return out;
+}
+
+
 template <typename T>
 void linear_delta(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const Meta& mt,
                   at::Tensor& y) {
@@ -499,6 +1513,11 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   }
   const Meta mt = prepare(op, scale, rank, idx, w, M, E, R,
                           dt == at::kDouble ? at::kDouble : at::kFloat);
+  if (dt == at::kBFloat16 || dt == at::kHalf) {  // 16-bit: fp32 base GEMM, one rounding
+    const at::Tensor x = unit_last(x_), A = unit_last(A_), B = unit_last(B_);
+    return dt == at::kBFloat16 ? linear16<c10::BFloat16>(x, weight, A, B, mt, bias)
+                               : linear16<c10::Half>(x, weight, A, B, mt, bias);
+  }
 
   at::Tensor y = has_bias ? at::addmm(*bias, x_, weight.t()) : at::mm(x_, weight.t());  // [M, N]
   if (!y.is_contiguous()) y = y.contiguous();
@@ -528,6 +1547,11 @@ at::Tensor multi_lora_expand_cpu(const at::Tensor& y, const at::Tensor& h, const
   TORCH_CHECK(is_float_type(h.scalar_type()), op, ": h must be a float tensor, got ", h.scalar_type());
   const at::ScalarType ot = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Meta mt = prepare(op, scale, rank, idx, w, M, E, R, ot);
+  const at::ScalarType yt = y.scalar_type();
+  if ((yt == at::kBFloat16 || yt == at::kHalf) && B_.scalar_type() == yt) {  // one rounding
+    const at::Tensor B = unit_last(B_);
+    return yt == at::kBFloat16 ? expand16<c10::BFloat16>(y, h, B, mt) : expand16<c10::Half>(y, h, B, mt);
+  }
   at::Tensor out = y.to(ot, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
   if (M == 0 || N == 0 || E == 0 || R == 0 || idx.size(1) == 0) return out.to(y.scalar_type());
   const at::Tensor B = unit_last(B_);
@@ -565,6 +1589,18 @@ TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) {
   m.def("multi_lora_expand(Tensor y, Tensor h, Tensor B, Tensor scale, Tensor rank, Tensor idx, "
         "Tensor? w) -> Tensor");
 }
+
+namespace loramix {
+namespace {
+// [active path, detected path, 16-bit base GEMM ("mkl" or "aten")], as the next call would use.
+std::vector<std::string> cpu_isa_info() {
+  return {isa_name(cpu_isa()), isa_name(cpu_isa_detected()),
+          gemm16<c10::BFloat16>() != nullptr ? "mkl" : "aten"};
+}
+}  // namespace
+}  // namespace loramix
+
+TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) { m.def("cpu_isa() -> str[]", &loramix::cpu_isa_info); }
 
 TORCH_LIBRARY_IMPL(loramix_cpp, CPU, m) {
   m.impl("multi_lora_linear", &loramix::multi_lora_linear_cpu);

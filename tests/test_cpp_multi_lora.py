@@ -8,6 +8,7 @@ Covers the fused per-row path (S = 1), the two-phase per-row path (S > 1), the g
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -307,3 +308,174 @@ def test_loader_contract(monkeypatch):
     assert _cpp.load() is False
     with pytest.raises(RuntimeError, match="LORAMIX_NO_CPP"):
         _cpp.build()
+
+
+# ------------------------------------------------------------------ 16-bit paths ----------------------
+# bf16 / fp16 run on a path picked at run time from the CPU (amx, avx512bf16, avx512, avx2, generic;
+# LORAMIX_CPU_ISA forces one) with the base GEMM in fp32 (the fused small-M kernel, or MKL's mixed
+# GEMM), so y is rounded once: every element within half an ulp of the fp64 result (plus fp32 noise).
+# LORAMIX_CPP_GEMM16=aten (torch's 16-bit GEMM, then the delta: two roundings; fp16's default)
+# keeps the 2x rule.
+ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
+_ISA_RANK = {n: i for i, n in enumerate(reversed(ISAS))}
+
+
+def _isa_supported(isa: str) -> bool:
+    best = _cpp_ops().cpu_isa()[1]
+    if isa == "amx":  # only changes which GEMM runs: testable on any AVX512-BF16 CPU with MKL
+        return _ISA_RANK[best] >= _ISA_RANK["avx512bf16"] and _cpp_ops().cpu_isa()[2] == "mkl"
+    return _ISA_RANK[isa] <= _ISA_RANK[best]
+
+
+PATHS = {  # name: environment
+    "small": {},                                                   # fused small-M kernel (bf16)
+    "gemm": {"LORAMIX_CPP_SMALL_M": "0", "LORAMIX_CPP_GEMM16": "mkl"},  # MKL fp32 GEMM + delta
+    "large": {"LORAMIX_CPP_SMALL_M": "0", "LORAMIX_CPP_GEMM16": "mkl",
+              "LORAMIX_CPP_LARGE_GROUP": "1"},                                  # + grouped shrink
+    "aten": {"LORAMIX_CPP_SMALL_M": "0", "LORAMIX_CPP_GEMM16": "aten"},     # two roundings
+}
+
+CASES16 = [
+    Case("r16_N_tail", M=5, K=100, N=83, E=4, R=16),
+    Case("r16_distinct", M=37, K=256, N=160, E=40, R=16, pop="distinct"),
+    Case("r8_zipf_none", M=70, K=64, N=70, E=3, R=8, pop="zipf", none_frac=0.25),
+    Case("r24_two_chunks", M=90, K=77, N=50, E=3, R=24, ranks=(24, 17, 9), weights=True),
+    Case("odd_ranks_S2", M=23, K=41, N=341, E=7, R=5, S=2, weights=True, ranks=(5, 3, 0, 1, 4, 5, 2),
+         none_frac=0.2),
+    Case("identical_S3", M=80, K=48, N=40, E=2, R=12, S=3, pop="identical", weights=True),
+    Case("layouts", M=19, K=64, N=48, E=4, R=16, x_layout="transposed", weight_t=True, ab_strided=True),
+    Case("x_col_strided", M=66, K=40, N=33, E=5, R=16, x_layout="col_strided", ab_strided=True),
+    Case("M1", M=1, K=2048, N=64, E=3, R=16),
+    Case("M0", M=0, K=16, N=24, E=3, R=4),
+    Case("no_adapter", M=9, K=32, N=40, E=3, R=4, none_frac=1.0),
+]
+
+
+def _half_ulp_check(y, y_ref, dt):
+    """|y - y_ref| <= half an ulp of y_ref (one rounding) + fp32 accumulation noise, everywhere."""
+    ref = y_ref.abs().clamp_min(torch.finfo(dt).tiny)
+    ulp = torch.pow(2.0, torch.floor(torch.log2(ref))) * torch.finfo(dt).eps
+    slack = 2e-6 * (y_ref.abs().max().item() if y_ref.numel() else 0.0)
+    bad = (y.double() - y_ref).abs() > 0.5 * ulp + slack
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} elements off by more than half an "
+                           f"ulp, e.g. {y[bad][:4].tolist()} vs {y_ref[bad][:4].tolist()}")
+
+
+# (isa, path, dtype) combinations that run different code: the fused small-M kernel is bf16 on
+# AVX512-BF16 only; fp16 has no AVX512-BF16 kernels (it runs the AVX-512 ones there)
+COMBOS16 = ([("amx", p, torch.bfloat16) for p in ("small", "gemm", "large")]
+            + [("avx512bf16", p, torch.bfloat16) for p in PATHS]
+            + [(i, p, torch.bfloat16) for i in ("avx512", "avx2", "generic") for p in ("gemm", "large", "aten")]
+            + [("avx512", p, torch.float16) for p in ("gemm", "large", "aten")]
+            + [(i, p, torch.float16) for i in ("avx2", "generic") for p in ("gemm", "large")])
+
+
+@functools.lru_cache(maxsize=None)
+def _case16(c: Case):
+    """Inputs (adapter padding poisoned) and the fp64 / torch-at-dtype references, built once."""
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=5)
+    A_p, B_p = poison_padding(A, B, rank)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    torch_outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)]
+    if c.M and c.E:
+        torch_outs.append(reference.multi_lora_linear_loop(x, weight, A, B, scale, rank, idx, w, bias))
+    return (x, weight, A_p, B_p, scale, rank, idx, w, bias), y_ref, torch_outs
+
+
+@pytest.mark.parametrize("isa,path,dt", COMBOS16,
+                         ids=[f"{i}-{p}-{str(d)[6:]}" for i, p, d in COMBOS16])
+@pytest.mark.parametrize("c", CASES16, ids=[c.name for c in CASES16])
+def test_linear16_each_isa_and_path(c: Case, isa, path, dt, monkeypatch):
+    if not _isa_supported(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    if path != "aten" and _cpp_ops().cpu_isa()[2] != "mkl" and not (path == "small" and dt == torch.bfloat16):
+        pytest.skip("torch without MKL: 16-bit GEMMs with fp32 output come from MKL")
+    monkeypatch.setenv("LORAMIX_CPU_ISA", isa)
+    for k, v in PATHS[path].items():
+        monkeypatch.setenv(k, v)
+    args, y_ref, torch_outs = _case16(Case(**{**c.__dict__, "dtype": dt}))
+    y = _cpp_ops().multi_lora_linear(*args)
+    _check(y, y_ref, torch_outs, dt)  # flash-attention's rule
+    if path != "aten":
+        _half_ulp_check(y, y_ref, dt)
+
+
+def test_linear16_paths_agree_with_default(monkeypatch):
+    """The default path (what this CPU picks) matches the generic C++ path to one ulp of rounding."""
+    c = Case("agree", M=48, K=320, N=96, E=6, R=16, S=2, weights=True, dtype=torch.bfloat16)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=9)
+    y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    monkeypatch.setenv("LORAMIX_CPU_ISA", "generic")
+    y_gen = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    ulp = torch.finfo(torch.bfloat16).eps * y_gen.float().abs().clamp_min(1e-3)
+    assert ((y.float() - y_gen.float()).abs() <= ulp * 1.01).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear16_nonfinite_adapter_stays_in_its_rows(isa, monkeypatch):
+    if not _isa_supported(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    monkeypatch.setenv("LORAMIX_CPU_ISA", isa)
+    for small in ("64", "0"):
+        monkeypatch.setenv("LORAMIX_CPP_SMALL_M", small)
+        c = Case("nan", M=12, K=64, N=48, E=3, R=16, dtype=torch.bfloat16)
+        x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
+        idx = torch.tensor([[0], [1], [2], [-1]] * 3, dtype=torch.int32)
+        A, B = A.clone(), B.clone()
+        A[1, 3, 5] = float("nan")
+        B[1, 7, 2] = float("inf")
+        y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias)
+        clean = idx[:, 0] != 1
+        assert torch.isfinite(y[clean]).all() and not torch.isfinite(y[~clean]).all()
+        y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias, upcast=True)
+        _half_ulp_check(y[clean], y_ref[clean], torch.bfloat16)
+
+
+EXPAND16 = [
+    Case("e16_S1", M=30, K=1, N=83, E=4, R=16),
+    Case("e16_S3_w_ranks", M=21, K=1, N=64, E=5, R=20, S=3, weights=True, ranks=(20, 3, 16, 9, 0),
+         none_frac=0.2),
+]
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c", EXPAND16, ids=[c.name for c in EXPAND16])
+def test_expand16_one_rounding(c: Case, isa, dt, monkeypatch):
+    if not _isa_supported(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    monkeypatch.setenv("LORAMIX_CPU_ISA", isa)
+    c = Case(**{**c.__dict__, "dtype": dt})
+    g = torch.Generator().manual_seed(4)
+    _, _, _, B, scale, rank, idx, w, _ = make_inputs(c)
+    y = _rand((c.M, c.N), g, dt)
+    h = _rand((c.M, c.E, c.R), g, dt)
+    _, B_p = poison_padding(B, B, rank)
+    out = _cpp_ops().multi_lora_expand(y, h, B_p, scale, rank, idx, w)
+    ref = reference.multi_lora_expand(y, h, B, scale, rank, idx, w, upcast=True)
+    _check(out, ref, [reference.multi_lora_expand(y, h, B, scale, rank, idx, w)], dt)
+    _half_ulp_check(out, ref, dt)
+
+
+def test_cpu_isa_reports_and_validates(monkeypatch):
+    active, detected, gemm = _cpp_ops().cpu_isa()
+    assert active == detected and detected in ISAS and gemm in ("mkl", "aten")
+    monkeypatch.setenv("LORAMIX_CPU_ISA", "generic")
+    assert _cpp_ops().cpu_isa()[0] == "generic"
+    monkeypatch.setenv("LORAMIX_CPP_GEMM16", "aten")
+    assert _cpp_ops().cpu_isa()[2] == "aten"
+    monkeypatch.setenv("LORAMIX_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="LORAMIX_CPU_ISA"):
+        _cpp_ops().cpu_isa()
+    for isa in ISAS:  # forcing a path the CPU cannot run is an error (amx needs AVX512-BF16)
+        monkeypatch.setenv("LORAMIX_CPU_ISA", isa)
+        need = "avx512bf16" if isa == "amx" else isa
+        if _ISA_RANK[need] <= _ISA_RANK[detected]:
+            assert _cpp_ops().cpu_isa()[0] == isa
+        else:
+            with pytest.raises(ValueError, match="supports at most"):
+                _cpp_ops().cpu_isa()
+    monkeypatch.setenv("LORAMIX_CPU_ISA", "generic")
+    monkeypatch.setenv("LORAMIX_CPP_GEMM16", "cublas")
+    with pytest.raises(ValueError, match="LORAMIX_CPP_GEMM16"):
+        _cpp_ops().cpu_isa()
