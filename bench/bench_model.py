@@ -1,6 +1,6 @@
 """Model-level benchmark of multi-tenant serving (issue: core), CPU, fp32 or bf16.
 
-    python bench/bench_model.py [--quick] [--dtype bfloat16] [--only decode]
+    python bench/bench_model.py [--quick] [--dtype bfloat16] [--only decode] [--threads N]
 
 Llama with hidden 1024 (8 layers, intermediate 2816, 16 heads, vocab 32000, random weights),
 16 rank-16 LoRA adapters on every linear layer (peft save_pretrained folders). Shapes:
@@ -58,7 +58,14 @@ SHAPES = {"decode": (16, 32, 1, 16), "prefill": (4, 0, 128, 4)}  # batch, contex
 
 
 def run(quick: bool = False, layers: int = LAYERS, dtype: torch.dtype = torch.float32,
-        shapes=tuple(SHAPES)) -> list[dict]:
+        shapes=tuple(SHAPES), threads: int | None = None) -> list[dict]:
+    if threads:  # every provider on this many threads (restored after)
+        was = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run(quick, layers, dtype, shapes)
+        finally:
+            torch.set_num_threads(was)
     import os
 
     rows = []
@@ -135,7 +142,10 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--only", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rows = run(a.quick, a.layers, getattr(torch, a.dtype), a.only)
     print(format_table(rows))
 

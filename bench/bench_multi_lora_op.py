@@ -79,7 +79,14 @@ def _peft_layer(weight, A, B, scale):
 
 
 def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=POPS,
-        providers=("base", "ours", "loop", "peft", "gather")) -> list[dict]:
+        providers=("base", "ours", "loop", "peft", "gather"), threads: int | None = None) -> list[dict]:
+    if threads:  # every provider on this many threads (restored after)
+        was = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run(quick, dtype, Ms, pops, providers)
+        finally:
+            torch.set_num_threads(was)
     import os
 
     load0 = os.getloadavg()[0]

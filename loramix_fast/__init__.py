@@ -11,8 +11,8 @@ from .ensemble_weights import elrea_weights, topk_renormalize  # noqa: F401
 from .adapters import BASE, AdapterError, AdapterLibrary, LoRAFactors, ModuleStack  # noqa: F401
 from .modules import MultiLoRALinear  # noqa: F401
 from .training import LoRASpec  # noqa: F401
-from .routing import (Arrow, PromptCached, SpectR, Uniform, align_stack,  # noqa: F401
-                      record_routing, routing_report)
+from .routing import (Arrow, PromptCached, PromptDecision, SpectR, Uniform,  # noqa: F401
+                      align_stack, record_routing, route_once, routing_report)
 from .patching import (PATCH_TABLE, is_patched, patch, set_adapter, set_router,  # noqa: F401
                        unpatch, use_adapters)
 from .pipelines import pipeline, pipeline_adapters  # noqa: F401

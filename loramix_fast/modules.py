@@ -88,18 +88,10 @@ class MultiLoRALinear(nn.Module):
 
     def stack(self, dtype=None):
         """This module's adapter stack (None if no adapter targets it), in the weight's dtype
-        unless ``dtype`` is given; cached until the library changes."""
+        unless ``dtype`` is given: views into the library's pool, as of the running forward's
+        start."""
         w = self._lmf_base.weight
-        lib = self._lmf_state.lib
-        if dtype is not None and dtype != w.dtype:
-            return lib.stack(self.lmf_name, dtype, w.device)
-        if lib._live:  # trainable adapters: the library follows their in-place updates itself
-            return lib.stack(self.lmf_name, w.dtype, w.device)
-        c = self._lmf_cache
-        if c is None or c[0] != lib.version or c[1] != w.dtype or c[2] != w.device:
-            c = (lib.version, w.dtype, w.device, lib.stack(self.lmf_name, w.dtype, w.device))
-            self._lmf_cache = c
-        return c[3]
+        return self._lmf_state.lib.stack(self.lmf_name, dtype or w.dtype, w.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._lmf_state
@@ -117,6 +109,7 @@ class MultiLoRALinear(nn.Module):
             return self.base_layer(x)
         if st.record is not None:  # lmf.record_routing: what the selection chose, no scores
             st.record.add(self.lmf_name, idx, None, st.lib.names)
+        idx = stack.slots_of(idx)  # ids -> slots (a max_resident library; else the same tensor)
         return self.apply_adapters(x, stack, idx)
 
     def apply_adapters(self, x: torch.Tensor, stack, idx: torch.Tensor,

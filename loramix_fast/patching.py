@@ -28,6 +28,7 @@ from torch import nn
 from .adapters import BASE, AdapterError, AdapterLibrary
 from .context import _GENERATING, _ROUTE_CACHE, _SELECTION, Selection
 from .modules import MultiLoRALinear
+from .pool import active_snapshot
 from .training import keep_context_in_checkpoints
 
 __all__ = ["patch", "unpatch", "use_adapters", "set_router", "set_adapter", "PATCH_TABLE",
@@ -60,6 +61,11 @@ class PatchState:
     default_adapter: object = None  # lmf.set_adapter: the adapter of forwards that name none
     _default_sel: object = None  # (library version, Selection) of default_adapter
     model_ref: object = None  # weakref to the patched model (attached to the library on unpickle)
+
+    def extend(self, model) -> None:
+        """Patch the modules a newly added adapter targets (the library calls it from ``add``:
+        the library knows no model, only the patch states attached to it)."""
+        _extend_patch(model, self.lib)
 
     # pickle / deepcopy: the library's lock and registry of models are not state; the copy of the
     # model is attached to the copy of the library when this state is rebuilt
@@ -145,17 +151,31 @@ class _Generate:
     def __reduce__(self):
         return (_Generate, (self.model,))
 
-    def __call__(self, *args, adapter_names=None, **kwargs):
+    def __call__(self, *args, adapter_names=None, prompt_mask=None, **kwargs):
         model = self.model
         st = _state(model)
+        if prompt_mask is not None:
+            _check_prompt_mask_use(st, adapter_names)
         if st.record is not None:  # the forwards of this call are one run of the report
             st.record.begin_generate()
         with contextlib.ExitStack() as es:
+            if active_snapshot(st.lib) is None:  # every step sees the library as of the call
+                es.enter_context(st.lib.pinned(_needed(st, adapter_names)))
             es.enter_context(_route_cache_scope())
+            if prompt_mask is not None:  # read by the router at the prompt's forward only
+                _ROUTE_CACHE.get()["prompt_mask"] = prompt_mask
             es.enter_context(_set(_GENERATING, _GENERATING.get() + (st,)))
             if adapter_names is not None:
                 es.enter_context(use_adapters(model, adapter_names))
             return type(model).generate(model, *args, **kwargs)
+
+
+def _check_prompt_mask_use(st: PatchState, adapter_names, always: bool = False) -> None:
+    sel = _SELECTION.get()
+    if (always or adapter_names is not None or (sel is not None and sel.state is st)
+            or not getattr(st.router, "reads_prompt_mask", False)):
+        raise ValueError("prompt_mask= is read by lmf.PromptCached routing only (set it with "
+                         "lmf.set_router; it cannot be combined with adapter_names)")
 
 
 def _extend_patch(model: nn.Module, lib: AdapterLibrary) -> None:
@@ -165,7 +185,7 @@ def _extend_patch(model: nn.Module, lib: AdapterLibrary) -> None:
     for name in sorted(lib.modules()):
         if name in st.patched:
             continue
-        owners = [a for a in lib.names if name in lib.factors(a)]
+        owners = lib.owners(name)
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -316,6 +336,18 @@ def _selection(st: PatchState, adapter_names) -> Selection:
     return Selection(st, st.lib.ids_of(names))
 
 
+def _needed(st: PatchState, adapter_names):
+    """The adapters a forward may select (what a ``max_resident`` library must load): the names
+    given, else the default adapter, else every adapter under a router, else none."""
+    if adapter_names is not None:
+        if isinstance(adapter_names, str):
+            return [adapter_names]
+        return list(adapter_names) if hasattr(adapter_names, "__iter__") else []
+    default = getattr(st, "default_adapter", None)  # lmf.set_adapter
+    if default is not None:
+        return [default]
+    return None if st.router is not None else []
+
 
 @contextlib.contextmanager
 def _set(var: contextvars.ContextVar, value):
@@ -332,7 +364,10 @@ def use_adapters(model: nn.Module, adapter_names):
     ``"__base__"`` or None for none; or one name as a string for every sequence), for code that
     cannot pass ``adapter_names=`` itself."""
     st = _state(model)
-    with _set(_SELECTION, _selection(st, adapter_names)):
+    with contextlib.ExitStack() as es:
+        if active_snapshot(st.lib) is None:  # the ids stay those of the library as of now
+            es.enter_context(st.lib.pinned(_needed(st, adapter_names)))
+        es.enter_context(_set(_SELECTION, _selection(st, adapter_names)))
         yield model
 
 
@@ -384,6 +419,8 @@ def _pre_hook(model, args, kwargs):
     resets = []
     try:
         names = kwargs.pop("adapter_names", None)
+        if active_snapshot(st.lib) is None:  # the forward sees the library as of its start
+            resets.append(st.lib._pin_context(_needed(st, names)))
         if names is not None:
             resets.append((_SELECTION, _SELECTION.set(_selection(st, names))))
         elif st.default_adapter is not None:
@@ -404,6 +441,8 @@ def _pre_hook(model, args, kwargs):
                 sel.token_map(shape[0], shape[1], shape[2], expand=st in _GENERATING.get())
         elif st.router is not None and hasattr(st.router, "begin_forward"):
             st.router.begin_forward(st, args, kwargs, shape[:2] if shape is not None else None)
+        if kwargs.pop("prompt_mask", None) is not None:  # a router that reads it popped it
+            _check_prompt_mask_use(st, names, always=True)
     except BaseException:
         _undo(resets)  # a failed pre-hook leaves no selection behind
         raise

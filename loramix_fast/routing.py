@@ -12,8 +12,11 @@ serve every token at every patched layer with the experts it aligns with:
   ``|v_t . x|`` with v_t the top right singular vector of dW_t (= ``|h_t[0]| / sigma_t1``), softmax of
   score / temperature over the top k, output-space merge.
 - :class:`Uniform`: mu-routing, the exact output-space mean ``(1/T) sum_t dW_t x``.
-- :class:`PromptCached`: routes once per sequence from the mean of each module's input over the
-  prompt's non-padding tokens, then reuses that choice for every prompt and generated token.
+- :class:`PromptCached`: routes once per sequence from the prompt (SpectR/Arrow scores on the
+  pooled prompt, training-free), per module (``scope="module"``: each module scores the mean of its
+  input over the prompt) or for the whole model (``scope="model"``: one scoring pass of the base
+  model over the prompt, every module's per-token normalised scores pooled, one top-k per
+  sequence used at every layer), then reuses that choice for every prompt and generated token.
 
 The hot path per layer: one GEMM for the base output, one GEMM ``x @ [A*_1; ...; A*_T].T`` for every
 h_t (the only extra matrix work of routing), the scoring/top-k op, then the expand of the selected
@@ -21,18 +24,22 @@ experts from that same h buffer (``ops.multi_lora_expand``; A*x is never recompu
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
-from .context import _ROUTE_CACHE
+from .context import _GENERATING, _ROUTE_CACHE
 
-__all__ = ["SpectR", "Arrow", "Uniform", "PromptCached", "align_stack", "AlignedStack",
-           "routing_report", "record_routing", "RoutingReport"]
+__all__ = ["SpectR", "Arrow", "Uniform", "PromptCached", "PromptDecision", "route_once",
+           "align_stack", "AlignedStack", "routing_report", "record_routing", "RoutingReport"]
 
 
 @dataclass
@@ -78,8 +85,10 @@ def align_stack(stack, *, variant: str = "official") -> AlignedStack:
     of u_i is positive (ties to the lowest index; scikit-learn's ``svd_flip``), so the factors, and
     the factor merge that sums B*_i and h_i across experts, are the same on every machine.
 
-    Returns an :class:`AlignedStack` (A_star [T, R, K], B_star [T, N, R], zero past each rank),
-    cached on ``stack.cache``.
+    Returns an :class:`AlignedStack` (A_star [T, R, K], B_star [T, N, R], zero past each rank;
+    a rank-0 slot may hold stale values, which every consumer masks by rank), cached on
+    ``stack.cache``. For a stack of the library's slot pool, the aligned factors are kept per
+    slot across library versions: an add or a remove aligns only the slots it changed.
     """
     if variant not in ("paper", "official"):
         raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
@@ -90,28 +99,34 @@ def align_stack(stack, *, variant: str = "official") -> AlignedStack:
     E, R, K = stack.A.shape
     N = stack.B.shape[1]
     dev, dt = stack.A.device, stack.A.dtype
-    A_star = torch.zeros(E, R, K, dtype=dt, device=dev)
-    B_star = torch.zeros(E, N, R, dtype=dt, device=dev)
-    sigma = torch.zeros(E, R, dtype=torch.float32, device=dev)
     ranks = stack.rank.tolist()
     scales = stack.scale.tolist()
-    for t in range(E):
-        r = ranks[t]
-        if r == 0:
-            continue
-        A = stack.A[t, :r].double()  # [r, K]
-        B = stack.B[t, :, :r].double()  # [N, r]
-        Qb, Rb = torch.linalg.qr(B)  # [N, r], [r, r]
-        Qa, Ra = torch.linalg.qr(A.T)  # [K, r], [r, r]
-        U_c, S, Vh_c = torch.linalg.svd(scales[t] * Rb @ Ra.T)  # r x r core
-        U, Vt = _svd_flip(Qb @ U_c, Vh_c @ Qa.T)  # [N, r], [r, K]
-        if variant == "paper":
-            A_star[t, :r] = (S[:, None] * Vt).to(dt)
-            B_star[t, :, :r] = U.to(dt)
-        else:
-            A_star[t, :r] = Vt.to(dt)
-            B_star[t, :, :r] = (U * S[None, :]).to(dt)
-        sigma[t, :r] = S.float()
+    pool = getattr(stack, "pool", None)
+    if pool is not None and stack.pool_epoch == pool.epoch:
+        # a slot pool: the aligned factors live in buffers shaped like the pool and shared by
+        # every library version; only slots whose content changed since are aligned again
+        with _ALIGN_LOCK:
+            buf = pool.cache.get(key)
+            if buf is None:
+                buf = pool.cache[key] = (
+                    torch.zeros(pool.cap, R, K, dtype=dt, device=dev),
+                    torch.zeros(pool.cap, N, R, dtype=dt, device=dev),
+                    torch.zeros(pool.cap, R, dtype=torch.float32, device=dev), [None] * pool.cap)
+            A_buf, B_buf, s_buf, keys = buf
+            for t in range(E):
+                if ranks[t] and keys[t] != pool.keys[t]:
+                    _align_slot(stack, t, ranks[t], scales[t], variant, A_buf, B_buf, s_buf)
+                    keys[t] = pool.keys[t]
+        live = torch.tensor([r > 0 for r in ranks], device=dev)
+        A_star, B_star = A_buf[:E], B_buf[:E]
+        sigma = torch.where(live[:, None], s_buf[:E], torch.zeros((), device=dev))
+    else:
+        A_star = torch.zeros(E, R, K, dtype=dt, device=dev)
+        B_star = torch.zeros(E, N, R, dtype=dt, device=dev)
+        sigma = torch.zeros(E, R, dtype=torch.float32, device=dev)
+        for t in range(E):
+            if ranks[t]:
+                _align_slot(stack, t, ranks[t], scales[t], variant, A_star, B_star, sigma)
     s1 = sigma[:, 0]
     inv = torch.where(s1 > 0, 1.0 / s1.clamp(min=1e-30), torch.zeros_like(s1))
     if variant == "official":  # h_t[0] = v_t . x already
@@ -121,6 +136,31 @@ def align_stack(stack, *, variant: str = "official") -> AlignedStack:
                        len({r for r in ranks if r > 0}) <= 1)
     stack.cache[key] = out
     return out
+
+
+_ALIGN_LOCK = threading.Lock()
+
+
+def _align_slot(stack, t, r, scale, variant, A_star, B_star, sigma) -> None:
+    """Align adapter ``t`` (rank ``r``) of ``stack`` into row ``t`` of ``A_star`` / ``B_star`` /
+    ``sigma`` (zero past the rank)."""
+    dt = A_star.dtype
+    A = stack.A[t, :r].double()  # [r, K]
+    B = stack.B[t, :, :r].double()  # [N, r]
+    Qb, Rb = torch.linalg.qr(B)  # [N, r], [r, r]
+    Qa, Ra = torch.linalg.qr(A.T)  # [K, r], [r, r]
+    U_c, S, Vh_c = torch.linalg.svd(scale * Rb @ Ra.T)  # r x r core
+    U, Vt = _svd_flip(Qb @ U_c, Vh_c @ Qa.T)  # [N, r], [r, K]
+    A_star[t].zero_()
+    B_star[t].zero_()
+    sigma[t].zero_()
+    if variant == "paper":
+        A_star[t, :r] = (S[:, None] * Vt).to(dt)
+        B_star[t, :, :r] = U.to(dt)
+    else:
+        A_star[t, :r] = Vt.to(dt)
+        B_star[t, :, :r] = (U * S[None, :]).to(dt)
+    sigma[t, :r] = S.float()
 
 
 def _record(module, idx, scores, w=None) -> None:
@@ -166,7 +206,6 @@ class _Router:
         warnings.warn(f"{self!r}: top_k={self.top_k} exceeds the library's {n_experts} experts; "
                       f"using top_k={n_experts} (every token mixes every expert)", UserWarning,
                       stacklevel=3)
-
 
     def merge(self, y, H, al, idx, w):
         return ops.multi_lora_expand(y, H, al.B_star, al.ones, al.rank, idx, w)
@@ -278,41 +317,317 @@ class Uniform(_Router):
         stack = module.stack()
         if stack is None:
             return module.base_layer(x)
-        T = stack.A.shape[0]
+        live = stack.cache.get("uniform:ids")
+        if live is None:  # the adapters of the library (a free id is none), on x's device
+            ids = [i for i, n in enumerate(stack.names) if n is not None]
+            live = stack.cache["uniform:ids"] = torch.tensor(ids, dtype=torch.int32,
+                                                             device=x.device)
+        T = live.shape[0]
         M = x.numel() // x.shape[-1]
-        idx = torch.arange(T, dtype=torch.int32, device=x.device).expand(M, T).contiguous()
+        idx = live.to(x.device).expand(M, T).contiguous()
         w = torch.full((M, T), 1.0 / T, dtype=torch.float32, device=x.device)
         _record(module, idx, None, w)
         return module.apply_adapters(x, stack, idx, w)
 
 
-class PromptCached:
-    """Route once per sequence from its prompt, reuse the choice for every token.
+_SCOPES = ("module", "model")
+_NORMALIZE = ("sum", "max", "none")
+# forward kwargs the scoring pass drops: it runs the decoder once on the prompt, without a cache
+# (and any KV cache object, whatever its keyword: ``cache`` in transformers 5)
+_NOT_FOR_SCORING = ("cache", "past_key_values", "past_key_value", "use_cache", "labels",
+                    "logits_to_keep", "num_logits_to_keep", "prompt_mask")
+_MAX_MAPS = 16
 
-    At every patched module, the first forward of a generation (the prompt) averages the module's
-    input over each sequence's non-padding prompt tokens, lets ``router`` pick experts and weights
-    for that mean, and caches them; every prompt and generated token of the sequence then uses
-    them (EM-LoRA / PELMo's route-once-per-prompt, training-free). The cache belongs to the
-    ``generate`` call (or to a single forward outside generate) and is dropped after it.
+
+class PromptDecision(NamedTuple):
+    """A model-level routing decision: ``idx [B, k]`` int32 expert ids (positions in the library's
+    names), ``weights [B, k]`` float32, ``scores [B, T]`` float32 the pooled,
+    normalised scores every expert got (see :class:`PromptCached`)."""
+
+    idx: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+
+
+class _Scoring:
+    """Accumulates the pooled scores of the scoring pass (lives in the call's route cache)."""
+
+    def __init__(self, token_w: torch.Tensor, normalize: str, keep_votes: bool):
+        self.token_w = token_w  # [B, L] float32, each row sums to 1 over its pooled tokens
+        self.normalize = normalize
+        self.total = None  # [B, T] float32: sum over modules of each module's pooled scores
+        self.n = 0
+        self.votes = [] if keep_votes else None  # (module, [B, T]) for the routing report
+
+    def add(self, module, s: torch.Tensor) -> None:
+        """``s [B*L, T]``: the router's scores of every prompt token at ``module``."""
+        B, L = self.token_w.shape
+        if s.shape[0] != B * L:
+            raise ValueError(f"{module.lmf_name}: the prompt has {B} x {L} tokens but this module "
+                             f"got {s.shape[0]} rows; PromptCached(scope='model') needs modules "
+                             "that see every prompt token once (decoder-only models)")
+        if self.normalize == "sum":
+            s = s / s.sum(-1, keepdim=True).clamp(min=1e-30)
+        elif self.normalize == "max":
+            s = s / s.amax(-1, keepdim=True).clamp(min=1e-30)
+        w = self.token_w.to(s.device)
+        vote = (s.view(B, L, -1) * w[..., None]).sum(1)  # [B, T]
+        if self.total is None:
+            self.total = vote.clone()
+        else:
+            self.total += vote.to(self.total.device)
+        self.n += 1
+        if self.votes is not None:
+            self.votes.append((module, vote))
+
+
+class _Decision:
+    """One decision per sequence, and its token-level maps per (tokens per sequence, device)."""
+
+    __slots__ = ("idx", "w", "scores", "_maps")
+
+    def __init__(self, idx, w, scores):
+        self.idx, self.w, self.scores = idx, w, scores
+        self._maps: dict = {}
+
+    def token_maps(self, module, x):
+        B = self.idx.shape[0]
+        if x.dim() >= 3:
+            b, t = x.shape[0], math.prod(x.shape[1:-1])
+        else:
+            rows = x.shape[0] if x.dim() == 2 else 1
+            b, t = (B, rows // B) if rows % B == 0 else (rows, 1)
+        if b != B:
+            raise ValueError(f"{module.lmf_name}: the prompt routing was decided for {B} sequences "
+                             f"but this forward has {b}")
+        key = (t, x.device)
+        hit = self._maps.get(key)
+        if hit is None:
+            idx, w = self.idx.to(x.device), self.w.to(x.device)
+            if t != 1:
+                idx, w = idx.repeat_interleave(t, 0), w.repeat_interleave(t, 0)
+            if len(self._maps) >= _MAX_MAPS:
+                self._maps.clear()
+            hit = self._maps[key] = (idx.contiguous(), w.contiguous())
+        return hit
+
+
+class PromptCached:
+    """Route once per sequence from its prompt with a training-free router's scores, and reuse the
+    choice for every prompt and generated token of that sequence.
+
+    ``router`` is a :class:`SpectR` or :class:`Arrow`; its scores (``||A*_t x||`` or
+    ``|v_t . x|``, from the adapters' own factors, nothing trained) are taken on the prompt instead
+    of on each token. It is neither EM-LoRA (trained per-layer routers over module LoRAs) nor PELMo
+    (a trained multi-label router over prompt experts), only their training-free counterpart.
+
+    scope="module" (default): each patched module decides for itself. Its first forward of a
+    generation (the prompt) averages the module's input over each sequence's pooled prompt tokens,
+    lets ``router`` score that mean and pick its top k experts and weights, and caches them.
+
+    scope="model": one decision per sequence for the whole model, used at every patched module:
+
+    1. *Scoring pass.* Every module needs the scores of every other module before any of them may
+       apply a delta, so before the prompt forward the model's decoder (``model.base_model`` for a
+       Hugging Face model: no LM head) runs once more on the prompt with every adapter off and no
+       KV cache. Each patched module then computes its base output plus only the scoring GEMM:
+       ``x @ A_flat^T`` (all of ``A*_t``, SpectR) or ``x @ [v_1; ...; v_T]^T`` (the T prototype
+       rows, Arrow); no expand. Cost: one extra base-model forward of the prompt per ``generate``
+       call (or per forward outside generate); decode steps cost nothing extra.
+    2. *Normalise* each module's scores per token over the experts, so no module dominates:
+       ``normalize="sum"`` (default) ``s[l, t] / sum_t' s[l, t']``; ``"max"``
+       ``s[l, t] / max_t' s[l, t']``; ``"none"`` the raw scores.
+    3. *Pool*: ``p[t] = (1 / n_mod) sum_m sum_l w[l] s_m[l, t]`` with ``w`` uniform over the
+       pooled tokens: the non-padding tokens (``attention_mask``) of the prompt, intersected with
+       ``prompt_mask`` when one is given; ``m`` runs over every patched module that has adapters.
+    4. *Top k* of ``p`` (``router.top_k``, clamped to the library's size like the per-token
+       routers; ties to the lowest index) with the router's weighting of the pooled scores: Arrow
+       ``softmax(p / temperature)`` over the k; SpectR ``1/k`` (weighting="uniform") or
+       ``softmax(p / temperature)``.
+    5. Every patched module adds ``sum_i w_i scale_i B_i A_i x`` of those experts (the output-space
+       mix) for the prompt and every generated token; beam search and ``num_return_sequences``
+       repeat each sequence's decision over its copies.
+
+    ``prompt_mask [B, L]`` (bool or 0/1, L = the prompt's length, aligned with ``input_ids``) may
+    be passed to the patched model's forward or ``generate`` to pool over a span of the prompt
+    only (e.g. the user's question, not the chat template); both scopes honour it.
+
+    The decision lives in the call's per-forward / per-``generate`` context (contextvars), so two
+    threads may share one model. :meth:`decide` returns it without generating; with
+    ``lmf.record_routing`` on, the report gets, per module, the chosen ids and (model scope) that
+    module's pooled normalised scores.
     """
 
-    def __init__(self, router):
+    def __init__(self, router, scope: str = "module", normalize: str = "sum"):
         if isinstance(router, PromptCached) or not isinstance(router, (SpectR, Arrow)):
             raise TypeError("PromptCached wraps a SpectR or Arrow router, got "
                             f"{type(router).__name__}")
         if getattr(router, "merge_mode", "output") != "output":
             raise ValueError("PromptCached supports merge='output' only")
-        self.router = router
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be 'module' or 'model', got {scope!r}")
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be 'sum', 'max' or 'none', got {normalize!r}")
+        self.router, self.scope, self.normalize = router, scope, normalize
 
     def __repr__(self):
-        return f"PromptCached({self.router!r})"
+        if self.scope == "module":
+            return f"PromptCached({self.router!r})"
+        return f"PromptCached({self.router!r}, scope='model', normalize={self.normalize!r})"
 
+    reads_prompt_mask = True  # patching: generate(prompt_mask=...) is handed to begin_forward
+
+    # ---- per forward ----------------------------------------------------------------------
     def begin_forward(self, state, args, kwargs, shape):
         cache = _ROUTE_CACHE.get()
-        if cache is not None:
-            cache["__mask__"] = kwargs.get("attention_mask")
+        pmask = kwargs.pop("prompt_mask", None)
+        if cache is None:
+            return
+        if pmask is None:
+            pmask = cache.pop("prompt_mask", None)  # generate(prompt_mask=...): the prompt only
+        if self.scope == "module":
+            if pmask is not None or "__mask__" not in cache:
+                cache["__mask__"] = self._token_mask(state, kwargs, shape, pmask, weights=False)
+            return
+        key = (id(self), id(state))
+        dec = cache.get(key)
+        if dec is not None and (shape is None or dec.idx.shape[0] == shape[0]):
+            return  # decided on the prompt: decode steps reuse it
+        model = state.model_ref() if state.model_ref is not None else None
+        if model is None:
+            raise RuntimeError("PromptCached(scope='model'): the patched model is gone")
+        if any(hasattr(v, "get_seq_length") and v.get_seq_length() > 0 for v in kwargs.values()):
+            raise ValueError("PromptCached(scope='model'): a forward with a KV cache but no routing "
+                             "decision (a manual decode loop): run the loop inside "
+                             "`with lmf.route_once(model):` so the prompt's decision is reused")
+        cache[key] = self._score_prompt(model, state, args, kwargs, shape, pmask)
 
+    def _token_mask(self, state, kwargs, shape, pmask, weights=True):
+        """[B, L] float32 over the prompt's pooled tokens: attention_mask (non-padding) times
+        prompt_mask; row-normalised to sum 1 when ``weights`` (module scope: the 0/1 mask, or
+        None when neither is given)."""
+        att = kwargs.get("attention_mask")
+        if shape is None:
+            if pmask is not None:
+                raise ValueError("prompt_mask needs input_ids or inputs_embeds of shape [B, L]")
+            return None
+        B, L = shape
+        dev = None
+        m = None
+        if isinstance(att, torch.Tensor) and att.dim() == 2 and att.shape[0] == B:
+            m = (att[:, -L:] != 0).float()
+            dev = att.device
+        if pmask is not None:
+            if not isinstance(pmask, torch.Tensor):
+                pmask = torch.as_tensor(pmask)
+            if pmask.dim() != 2 or pmask.shape[1] != L:
+                raise ValueError(f"prompt_mask must be [batch, prompt length] = [{B}, {L}] like "
+                                 f"input_ids, got shape {tuple(pmask.shape)}")
+            b0 = pmask.shape[0]
+            if b0 != B:
+                if not (state in _GENERATING.get() and b0 and B % b0 == 0):
+                    raise ValueError(f"prompt_mask has {b0} rows but the batch has {B} sequences"
+                                     " (one row per input sequence)")
+                pmask = pmask.repeat_interleave(B // b0, 0)  # beams / num_return_sequences
+            pm = (pmask != 0).float()
+            if m is not None:
+                pm = pm.to(m.device)
+            m = pm if m is None else m * pm
+        if m is None:
+            if not weights:
+                return None
+            m = torch.ones(B, L)
+        if not weights:
+            return m
+        return m / m.sum(1, keepdim=True).clamp(min=1)
+
+    def _score_prompt(self, model, state, args, kwargs, shape, pmask) -> _Decision:
+        """The scoring pass (base model, adapters off, scores only) and the decision."""
+        if shape is None:
+            raise ValueError("PromptCached(scope='model') needs input_ids or inputs_embeds [B, L]")
+        token_w = self._token_mask(state, kwargs, shape, pmask)
+        acc = _Scoring(token_w, self.normalize, state.record is not None)
+        cache = _ROUTE_CACHE.get()
+        skey = ("scoring", id(self), id(state))
+        kw = {k: v for k, v in kwargs.items()
+              if k not in _NOT_FOR_SCORING and not hasattr(v, "get_seq_length")}
+        kw["use_cache"] = False
+        inner = getattr(model, "base_model", None)
+        cache[skey] = acc
+        try:
+            with torch.no_grad():
+                if isinstance(inner, torch.nn.Module) and inner is not model:
+                    inner(*args, **kw)
+                else:
+                    type(model).forward(model, *args, **kw)
+        finally:
+            cache.pop(skey, None)
+        dec = self._decide(acc, shape[0], len(state.lib.names))
+        if acc.votes is not None:
+            for module, vote in acc.votes:
+                _record(module, dec.idx, vote, dec.w)
+        return dec
+
+    def _decide(self, acc: _Scoring, B: int, T: int) -> _Decision:
+        r = self.router
+        eff = getattr(r, "effective_top_k", None)  # top_k past the library: clamped, as per token
+        k = eff(T) if eff is not None else min(r.top_k, T)
+        if acc.total is None:  # nothing scored: no module has adapters
+            p = torch.zeros(B, T)
+        else:
+            p = acc.total / acc.n
+        vals, order = torch.sort(p, dim=1, descending=True, stable=True)
+        vals, order = vals[:, :k], order[:, :k]
+        if isinstance(r, SpectR) and r.weighting == "uniform":
+            w = torch.full_like(vals, 1.0 / k)
+        else:
+            w = torch.softmax(vals / r.temperature, dim=1)
+        return _Decision(order.to(torch.int32), w.float(), p.float())
+
+    def _scores(self, module, x2, stack) -> torch.Tensor:
+        """The router's scores ``[M, T]`` (float32) of the rows of ``x2`` at ``module``."""
+        al = align_stack(stack, variant=self.router.variant)
+        if isinstance(self.router, Arrow):
+            key = f"arrow_protos:{self.router.variant}"
+            P = stack.cache.get(key)
+            if P is None:
+                P = stack.cache[key] = al.A_star[:, 0].contiguous()  # [T, K]: v_t (or s1 v_t)
+            inv = al.inv_sigma1.to(x2.device)  # 0 for a rank-0 slot, whose row may be stale
+            s = F.linear(x2, P).float().abs() * inv
+            return torch.where(inv > 0, s, torch.zeros((), device=s.device))
+        T, R = al.A_star.shape[0], al.A_star.shape[1]
+        H = F.linear(x2, al.A_flat).view(-1, T, R).float()
+        rmask = torch.arange(R, device=H.device)[None, :] < al.rank.to(H.device)[:, None]
+        return torch.sqrt(torch.where(rmask[None], H * H, torch.zeros((), device=H.device)).sum(-1))
+
+    def decide(self, model, input_ids=None, attention_mask=None, prompt_mask=None,
+               **kwargs) -> PromptDecision:
+        """The model-level decision (steps 1-4 above) for a prompt batch, without generating:
+        runs the scoring pass only. ``model`` must be patched with this router set."""
+        from .context import _SELECTION
+        from .patching import _input_shape, _route_cache_scope, _state
+
+        st = _state(model)
+        if st.router is not self:
+            raise ValueError("decide() needs this PromptCached set as the model's router "
+                             "(lmf.set_router(model, router))")
+        sel = _SELECTION.get()
+        if sel is not None and sel.state is st:
+            raise ValueError("decide() inside use_adapters: adapter_names bypass the router")
+        kw = dict(kwargs)
+        if input_ids is not None:
+            kw["input_ids"] = input_ids
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        shape = _input_shape((), kw)
+        with _route_cache_scope():
+            dec = self._score_prompt(model, st, (), kw, shape[:2] if shape else None, prompt_mask)
+        return PromptDecision(dec.idx, dec.w, dec.scores)
+
+    # ---- per module ---------------------------------------------------------------------------
     def forward(self, module, x):
+        if self.scope == "model":
+            return self._forward_model(module, x)
         stack = module.stack()
         if stack is None:
             return module.base_layer(x)
@@ -326,20 +641,63 @@ class PromptCached:
             x3 = x.reshape(b, t, x.shape[-1]).to(module.weight.dtype)
             mask = cache.get("__mask__")
             if mask is not None and mask.dim() == 2 and mask.shape[0] == b:
-                m = mask[:, -t:].to(x3.dtype)[..., None]
+                m = mask[:, -t:].to(device=x3.device, dtype=x3.dtype)[..., None]
                 mean = (x3 * m).sum(1) / m.sum(1).clamp(min=1)
             else:
                 mean = x3.mean(1)
             al = align_stack(stack, variant=self.router.variant)
             H = F.linear(mean, al.A_flat).view(b, al.A_star.shape[0], al.A_star.shape[1])
             idx, w, scores = self.router.select(H, al)
-            _record(module, idx, scores)
+            _record(module, idx, scores, w)
             hit = (idx, w)
             cache[key] = hit
         idx, w = hit
         if t != 1:
             idx, w = idx.repeat_interleave(t, 0), w.repeat_interleave(t, 0)
         return module.apply_adapters(x, stack, idx, w)
+
+    def _forward_model(self, module, x):
+        st = module._lmf_state
+        cache = _ROUTE_CACHE.get()
+        stack = module.stack()
+        acc = cache.get(("scoring", id(self), id(st))) if cache is not None else None
+        if acc is not None:  # the scoring pass: base output, scores on the side
+            y = module.base_layer(x)
+            if stack is not None:
+                x2 = x.reshape(-1, x.shape[-1])
+                if x2.dtype != module.weight.dtype:
+                    x2 = x2.to(module.weight.dtype)
+                acc.add(module, self._scores(module, x2, stack))
+            return y
+        if stack is None:
+            return module.base_layer(x)
+        dec = cache.get((id(self), id(st))) if cache is not None else None
+        if dec is None:
+            raise RuntimeError(f"{module.lmf_name}: PromptCached(scope='model') decides in the "
+                               "patched model's own forward; call the patched model (or its "
+                               "generate), not one of its submodules")
+        idx, w = dec.token_maps(module, x)
+        return module.apply_adapters(x, stack, idx, w)
+
+
+@contextlib.contextmanager
+def route_once(model):
+    """Context manager for a manual decode loop: every forward of the patched ``model`` inside
+    shares one routing cache, so a :class:`PromptCached` router decides on the first forward (the
+    prompt) and every later forward (one token at a time with ``past_key_values``) reuses that
+    decision, as inside ``generate``. A forward with another batch size decides anew. The cache
+    lives in this context (contextvars): other threads are not affected.
+
+        with lmf.route_once(model):
+            out = model(ids, attention_mask=att, use_cache=True)        # decides
+            for _ in range(n):                                           # reuses
+                out = model(next_ids, attention_mask=att, past_key_values=out.past_key_values)
+    """
+    from .patching import _route_cache_scope, _state
+
+    _state(model)  # a patched model
+    with _route_cache_scope():
+        yield model
 
 
 # ---- routing report ----------------------------------------------------------------------------

@@ -4,27 +4,30 @@ gradient checkpointing.
 
 How a library trains (the design, and why)
 -------------------------------------------
-Every adapter's factors stay what they are in the library: one ``A [r, K]`` and one ``B [N, r]``
-tensor per module. ``lib.parameters(names)`` makes those tensors leaves with ``requires_grad`` and
-hands them out, so any torch optimizer takes them (optimizers refuse non-leaf tensors, which rules
-out handing out views into a shared padded stack), and weight decay or momentum can only ever touch
-the adapters the caller asked for. The kernels still read one zero-padded stack per module:
+A frozen adapter lives in the library's slot pool (:mod:`loramix_fast.pool`): one slot per module,
+and ``lib.factors(name)`` are views into it. ``lib.parameters(names)`` copies each named adapter's
+factors out of its slots once, into its own tensors (one ``A [r, K]`` and one ``B [N, r]`` per
+module), makes those leaves with ``requires_grad`` and hands them out, so any torch optimizer takes
+them (optimizers refuse non-leaf tensors, which rules out handing out views into the pool, and a
+pool that grows reallocates its slots), and weight decay or momentum can only ever touch the
+adapters the caller asked for. The kernels still read one zero-padded stack per module:
 
 - with grad enabled, a module whose adapters are trainable assembles its stack in every forward
-  from the cached stack of the frozen adapters plus the trainable factors (``F.pad`` to the max
-  rank, one ``index_copy``): differentiable, so the backward of ``multi_lora_linear`` reaches each
+  from the pool's stack plus the trainable factors (``F.pad`` to the max rank, one
+  ``index_copy``): differentiable, so the backward of ``multi_lora_linear`` reaches each
   adapter's own ``A`` / ``B``; the padding is not storage, so it gets no gradient and stays zero.
   Cost per module and step: one copy of the stack in the forward and one stack-sized gradient
   in the backward, sliced back to each adapter (E x R x (K + N) values each, e.g. 0.26 M floats
   for 8 adapters of rank 16 at K = N = 1024, against the 4 x M x K x N flops of a frozen base
   module's forward and input-gradient GEMMs: 8.6 GFLOP at M = 2048);
-- with grad disabled (serving, evaluation), the cached stack is used as before; it is rebuilt
-  when a trainable factor changed in place since it was built (each tensor's ``_version`` counter,
-  which every in-place update, an optimizer step included, increments), so a forward after an
-  optimizer step never sees stale factors. The check costs two integer reads per trainable
-  factor of the module, and only adapters handed out by ``lib.parameters`` (or holding tensors
-  that require grad when their stack is built) are checked: serving a library nobody trains
-  costs nothing extra. Updates through ``.data`` bypass version counters: ``lib.refresh()``.
+- with grad disabled (serving, evaluation), the pool's stack is used; a trainable adapter's
+  slots are rewritten from its leaves when a leaf changed in place since they were written (each
+  tensor's ``_version`` counter, which every in-place update, an optimizer step included,
+  increments), so a forward after an optimizer step never sees stale factors. The check costs
+  two integer reads per trainable factor of the module, and only adapters handed out by
+  ``lib.parameters`` (or added with factors that require grad) are checked: serving a library
+  nobody trains costs nothing extra. Updates through ``.data`` bypass version counters:
+  ``lib.refresh()``. A trainable adapter is held twice (its leaves and its slots).
 
 The alternative DESIGN.md sketches (factors as views into the padded stack) would need the stack
 itself as the optimizer's parameter, so weight decay and momentum would reach the padding and the

@@ -121,5 +121,8 @@ def test_library_bookkeeping(saved):
     with pytest.raises(KeyError, match="unknown adapter 'nope'"):
         lib.id_of("nope")
     v = lib.version
-    lib.remove("rs")
-    assert lib.version == v + 1 and lib.names == ("plain", "pat")
+    lib.remove("rs")  # ids never move: "pat" keeps id 2, id 1 is free
+    assert lib.version == v + 1 and lib.names == ("plain", None, "pat") and len(lib) == 2
+    assert lib.id_of("pat") == 2 and "rs" not in lib
+    lib.add_peft("again", saved["rs"])
+    assert lib.id_of("again") == 1 and lib.names == ("plain", "again", "pat")

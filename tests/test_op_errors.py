@@ -86,7 +86,7 @@ def test_id_equal_to_E_raises_the_same_error_on_every_backend(backend, dtype):
 
 
 def test_id_equal_to_E_raises_with_grad(backend):
-    """With grad on, the reference runs whatever the backend: it checks ids too."""
+    """With grad on, the training ops run (whatever the backend): they check ids too."""
     x, W, A, B, scale, rank, idx, h, y = _data()
     ids = idx.clone()
     ids[0, 0] = 3

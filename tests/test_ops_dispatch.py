@@ -18,7 +18,9 @@ def _data(M=6, K=24, N=20, E=3, R=5, dtype=torch.float64):
     return x, W, A, B, scale, rank, idx
 
 
-def test_autograd_falls_back_to_differentiable_reference():
+def test_autograd_matches_the_differentiable_reference():
+    """With grad on, the training op (its own backward, ops/backward.py) gives the reference's
+    gradients."""
     x, W, A, B, scale, rank, idx = _data()
     x.requires_grad_(True)
     A.requires_grad_(True)

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 _MODES = ("logits", "probs")
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # --- torch formulations of the token pickers (the spec of the fused variants) ---------------------
@@ -68,6 +68,8 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor, temperature
 # --- backends --------------------------------------------------------------------------------------
 
 def _scores(backend: str, logits: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    if logits.dtype == torch.float64:  # fp64 logits: fp64 math and scores (every backend)
+        return reference.mix_logits(logits, weights, mode, upcast=True)
     if backend == "cpp":
         return torch.ops.loramix_cpp.mix_logits(logits, weights, mode)
     if backend == "triton":
@@ -78,6 +80,8 @@ def _scores(backend: str, logits: torch.Tensor, weights: torch.Tensor, mode: str
 
 
 def _greedy(backend: str, logits: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    if logits.dtype == torch.float64:
+        return reference.mix_logits(logits, weights, mode, upcast=True).argmax(dim=1)
     if backend == "cpp":
         return torch.ops.loramix_cpp.mix_logits_greedy(logits, weights, mode)
     if backend == "triton":
@@ -91,7 +95,7 @@ def _sample(backend: str, logits: torch.Tensor, weights: torch.Tensor, mode: str
             uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     if temperature == 0.0:
         return _greedy(backend, logits, weights, mode)
-    if top_p >= 1.0:
+    if top_p >= 1.0 and logits.dtype != torch.float64:
         if backend == "cpp":
             return torch.ops.loramix_cpp.mix_logits_sample(logits, weights, mode, uniforms,
                                                             float(temperature))
@@ -113,7 +117,8 @@ def _mix_logits_op(logits: torch.Tensor, weights: torch.Tensor, mode: str) -> to
 
 @_mix_logits_op.register_fake
 def _(logits, weights, mode):
-    return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)
+    ft = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=ft)
 
 
 @torch.library.custom_op("loramix::mix_logits_greedy", mutates_args=())
@@ -194,16 +199,21 @@ def mix_logits(logits: torch.Tensor, weights: torch.Tensor, mode: str = "probs",
         expert with +inf logits puts all its mass on them, split equally, NaN in a used expert
         makes the row NaN; in "logits": IEEE arithmetic). (= ``reference.mix_logits``.)
     Shapes: logits [B, E, V] or [B*E, V] (rows b-major, as ``repeat_interleave(E)`` makes them),
-        fp32 / bf16 / fp16; weights [B, E] float. Returns [B, V] float32 (written into ``out`` if
-        given: a [B, V] float32 tensor on the logits' device).
+        fp32 / bf16 / fp16 (fp64: fp64 math and scores, on every backend); weights [B, E] float.
+        Returns [B, V] float32 (float64 for fp64 logits; written into ``out`` if given: a [B, V]
+        tensor of that dtype on the logits' device).
     Cost: one read of the E*V logits per row, one write of V.
+    Autograd: differentiable in logits and weights (both modes); an expert that is not used
+    (weight 0; in "probs" weight <= 0) gets no gradient, and neither does its weight.
     """
     z, w = _prepare(logits, weights, mode)
     if out is not None:
-        check_tensor("out", out, ndim=2, dtypes=(torch.float32,), device=z.device,
+        ft = torch.float64 if z.dtype == torch.float64 else torch.float32
+        check_tensor("out", out, ndim=2, dtypes=(ft,), device=z.device,
                      shape=(z.shape[0], z.shape[2]))
-    if torch.compiler.is_compiling():
-        y = _mix_logits_op(z, w, mode)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and (z.requires_grad or w.requires_grad)):
+        y = _mix_logits_op(z, w, mode)  # the custom op carries the backward (ops/backward.py)
     else:
         y = _scores(pick_backend(z), z, w, mode)
     if out is not None:

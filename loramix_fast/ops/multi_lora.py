@@ -35,6 +35,9 @@ def _(x, weight, A, B, scale, rank, idx, w, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+_train_op = None  # loramix::multi_lora_linear_train (returns y and h), set by ops/backward.py
+
+
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
@@ -97,19 +100,23 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B:
     Errors name the offending argument. On CPU an id outside [-1, E) raises ValueError on every
     backend (int64 ids are checked as they are, never wrapped to int32); on GPU (where checking
     would cost a sync) kernels treat it as -1, so no id can read out of bounds.
-    Autograd: the kernels are inference-only; when grad mode is on and an input requires grad,
-    the differentiable pure-torch reference runs instead (wrap serving in ``torch.inference_mode``).
+    Autograd: differentiable in x, weight, A, B, w and bias (not scale, rank, idx). When grad
+    mode is on and one of them requires grad, ``loramix::multi_lora_linear_train`` runs (C++ on
+    CPU, the torch formulation elsewhere): it returns the shrink output h [M, S, R] with y and
+    saves x, h and the inputs for a backward of grouped GEMMs (``ops/backward.py``; nothing of
+    size M x N x R). Serving: wrap in ``torch.no_grad`` / ``torch.inference_mode``.
     """
     _check_x("x", x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    backend = pick_backend(x2, "multi_lora_linear")
-    if _needs_grad(x2, weight, A, B, bias, w):
-        backend = "reference"
+    train = _needs_grad(x2, weight, A, B, bias, w)
+    backend = pick_backend(x2, "multi_lora_linear_fwd" if train else "multi_lora_linear")
     if validate:
         _validate(x2, weight, A, B, scale, rank, idx, w, bias, backend)
     # idx stays int64 when given so (no narrowing cast: every backend reads int64 ids)
-    if torch.compiler.is_compiling():
+    if train:
+        y = _train_op(x2, weight, A, B, scale, rank, idx, w, bias)[0]
+    elif torch.compiler.is_compiling():
         y = _multi_lora_linear_op(x2, weight, A, B, scale, rank, idx, w, bias)
     else:
         y = _run(backend, x2, weight, A, B, scale, rank, idx, w, bias)
@@ -125,6 +132,7 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
     e = idx[m, s]. Shapes: y [M, N], h [M, E, R], B [E, N, R], scale [E], rank [E], idx [M, S],
     w [M, S] or None. Returns a new [M, N] tensor in y.dtype (math in fp64 for fp64 y).
     Errors as :func:`multi_lora_linear` (an id outside [-1, E) raises ValueError on CPU).
+    Autograd: differentiable in y, h, B and w (through the registered custom op).
     """
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
     M, N = y.shape
@@ -140,9 +148,9 @@ def multi_lora_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: 
     if torch.compiler.is_compiling():
         return _multi_lora_expand_op(y, h, B, scale, rank, idx, w)
     backend = pick_backend(y, "multi_lora_expand")
-    if _needs_grad(y, h, B, w):
-        backend = "reference"
     _check_ids(idx, E, backend)
+    if _needs_grad(y, h, B, w):  # the custom op carries the backward (ops/backward.py)
+        return _multi_lora_expand_op(y, h, B, scale, rank, idx, w)
     return _run_expand(backend, y, h, B, scale, rank, idx, w)
 
 

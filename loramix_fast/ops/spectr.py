@@ -18,6 +18,9 @@ WEIGHTINGS = ("uniform", "softmax")
 
 
 def _run(backend, h, k, rank, score, score_scale, weighting, temperature):
+    if h.dtype == torch.float64:  # fp64 in, fp64 math and weights / scores out (every backend)
+        return reference.spectr_topk(h, k, rank=rank, score=score, score_scale=score_scale,
+                                     weighting=weighting, temperature=temperature, upcast=True)
     if backend == "cpp":
         return torch.ops.loramix_cpp.spectr_topk(h, k, rank, score, score_scale, weighting, temperature)
     if backend == "triton":
@@ -40,8 +43,9 @@ def _spectr_topk_op(h: torch.Tensor, k: int, rank: torch.Tensor | None, score: s
 @_spectr_topk_op.register_fake
 def _(h, k, rank, score, score_scale, weighting, temperature):
     M, T = h.shape[0], h.shape[1]
-    return (h.new_empty((M, k), dtype=torch.int32), h.new_empty((M, k), dtype=torch.float32),
-            h.new_empty((M, T), dtype=torch.float32))
+    ft = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return (h.new_empty((M, k), dtype=torch.int32), h.new_empty((M, k), dtype=ft),
+            h.new_empty((M, T), dtype=ft))
 
 
 def _validate(h, k, rank, score, score_scale, weighting, temperature):
@@ -82,12 +86,16 @@ def spectr_topk(h: torch.Tensor, k: int, *, rank: torch.Tensor | None = None, sc
         h [M, T, R] fp32/fp16/bf16 (fp64 on CPU), any strides -- typically a column slice
         ``Y[:, N:].view(M, T, R)`` of a wider GEMM output; rank [T] int or None (= R for all);
         score_scale [T] float or None (= 1; used only by score="first").
-    Returns (idx [M, k] int32, w [M, k] float32, scores [M, T] float32). Math in fp32.
+    Returns (idx [M, k] int32, w [M, k] float32, scores [M, T] float32). Math in fp32; for fp64
+    h, math, w and scores are fp64 (on every backend: the reference with ``upcast``).
     ``rank`` and ``score_scale`` must be on h's device. k > T is allowed (extra slots: -1, weight 0).
+    Autograd: differentiable in h through the scores and, with weighting="softmax", through the
+    weights (uniform weights are constants; idx is an integer output; score 0 has subgradient 0).
     """
     if validate:
         _validate(h, k, rank, score, score_scale, weighting, temperature)
     k, temperature = int(k), float(temperature)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and h.requires_grad):
+        # the custom op carries the backward (ops/backward.py)
         return _spectr_topk_op(h, k, rank, score, score_scale, weighting, temperature)
     return _run(pick_backend(h, "spectr_topk"), h, k, rank, score, score_scale, weighting, temperature)
