@@ -570,8 +570,7 @@ class PromptCached:
 
     def _decide(self, acc: _Scoring, B: int, T: int) -> _Decision:
         r = self.router
-        eff = getattr(r, "effective_top_k", None)  # top_k past the library: clamped, as per token
-        k = eff(T) if eff is not None else min(r.top_k, T)
+        k = r.effective_top_k(T)  # top_k past the library: clamped with a warning, as per token
         if acc.total is None:  # nothing scored: no module has adapters
             p = torch.zeros(B, T)
         else:
