@@ -17,5 +17,7 @@ from .patching import (PATCH_TABLE, is_patched, patch, set_adapter, set_router, 
                        unpatch, use_adapters)
 from .pipelines import pipeline, pipeline_adapters  # noqa: F401
 from .autotune import warmup  # noqa: F401
+from . import emlora  # noqa: F401
+from .emlora import EMLoRA  # noqa: F401
 
 __version__ = "0.1.0"

@@ -100,6 +100,10 @@ class MultiLoRALinear(nn.Module):
             # this layer's own token map (encoder and decoder differ), built on x's device once
             # per forward and shape, shared by every layer
             idx = sel.token_map_for(x, expand=st in _GENERATING.get())
+            w = None
+            em = st.__dict__.get("emlora")
+            if em is not None:  # lmf.emlora: this layer's routed module LoRAs (-1: skipped)
+                idx, w = em.route(self, x, idx)
         elif st.router is not None:
             return st.router.forward(self, x)
         else:
@@ -108,9 +112,9 @@ class MultiLoRALinear(nn.Module):
         if stack is None:
             return self.base_layer(x)
         if st.record is not None:  # lmf.record_routing: what the selection chose, no scores
-            st.record.add(self.lmf_name, idx, None, st.lib.names)
+            st.record.add(self.lmf_name, idx, None, st.lib.names, w)
         idx = stack.slots_of(idx)  # ids -> slots (a max_resident library; else the same tensor)
-        return self.apply_adapters(x, stack, idx)
+        return self.apply_adapters(x, stack, idx, w)
 
     def apply_adapters(self, x: torch.Tensor, stack, idx: torch.Tensor,
                        w: torch.Tensor | None = None) -> torch.Tensor:
