@@ -9,8 +9,9 @@ Every ``csrc/*.cpp`` goes into ONE shared library that registers its ops under
 
 ``LORAMIX_NO_CPP=1`` disables the extension. The build directory is ``$TORCH_EXTENSIONS_DIR`` if set,
 else ``<repo>/build/torch_extensions`` when writable, else torch's default. The extension name
-carries a hash of the sources and flags, so an edited source builds into a fresh folder (a library
-already loaded by another process is never overwritten) and ninja rebuilds only what changed.
+carries a hash of the sources, flags and torch install, so an edited source (or another venv) builds
+into a fresh folder (a library already loaded by another process is never overwritten) and ninja
+rebuilds only what changed.
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def _digest(sources: list[Path]) -> str:
     import torch
 
     h.update(torch.__version__.encode())
+    # the torch install (its include paths are in build.ninja): two venvs with the same torch
+    # version (the main one and .venv-vllm) would otherwise rebuild one folder in turn, each
+    # overwriting the library the other has loaded
+    h.update(str(Path(torch.__file__).resolve().parent).encode())
     h.update(_cpu_flags().encode())  # -march=native: a build dir shared by other CPUs rebuilds
     for f in _CFLAGS + _LDFLAGS:
         h.update(f.encode() + b"\0")
