@@ -4,13 +4,18 @@ patched model, the base model, or prompts on one backbone) and decode the mixtur
     seqs = lmf.ensemble_generate(model, ids, experts=["math", "code", "__base__"],
                                  weights=[0.5, 0.3, 0.2], mode="probs", max_new_tokens=32)
 
-All experts run in ONE batched forward per step: each sequence is repeated once per expert, each copy
-carries its expert's adapter (the multi-LoRA op with one slot) and its own KV cache, and every copy
-of a sequence is fed the same (mixed) next token. The last-position logits ``[B, E, V]`` are mixed
-by the fused ``mix_logits`` op (ELREA eq. 10 for ``mode="logits"``, PELMo eq. 4 for ``"probs"``).
+All experts run in ONE batched forward per step: each sequence is repeated once per expert its
+weights select (sparse: an expert of weight 0 gets no copy, so a top-k router's ensemble costs k
+copies per sequence, not E), each copy carries its expert's adapter (the multi-LoRA op with one
+slot) and its own KV cache, and every copy of a sequence is fed the same (mixed) next token. The
+last-position logits ``[B, K, V]`` are mixed by the fused ``mix_logits`` op (ELREA eq. 10 for
+``mode="logits"``, PELMo eq. 4 for ``"probs"``). Expert prompt prefixes are run once per expert
+and their KV cache is copied to every sequence's copy (``prefix_cache=True``).
 
-Legend: B = sequences, E = experts, N = B * E copies, P = prompt length, L = copy prompt length
-(expert prefix + prompt, left-padded), V = vocabulary.
+Legend: B = sequences, E = experts, N = copies (sum over sequences of their selected experts,
+B * E when every weight is used), K = most experts any sequence selects, P = prompt length,
+Lp = longest expert prefix, L = copy length after the prefix (content + prompt, left-padded),
+V = vocabulary.
 """
 from __future__ import annotations
 
@@ -181,6 +186,54 @@ def _mask_like_generate(input_ids: torch.Tensor, pad, eos: list) -> torch.Tensor
     return (input_ids != pad).long()
 
 
+def _check_content(content, B: int, E: int, pairs) -> dict:
+    """``expert_content`` -> {(b, e): token list} for the used pairs with content."""
+    if content is None:
+        return {}
+    if isinstance(content, (str, torch.Tensor)) or len(content) != B:
+        raise ValueError(f"expert_content must be a list of {B} lists (one per sequence) of {E} "
+                         "token-id sequences (one per expert; None or [] for none)")
+    for b, row in enumerate(content):
+        if isinstance(row, (str, torch.Tensor)) or row is None or len(row) != E:
+            raise ValueError(f"expert_content[{b}] must be a list of {E} token-id sequences (one "
+                             "per expert; None or [] for none)")
+    out = {}
+    for b, e in pairs:
+        toks = _token_list(content[b][e], f"expert_content[{b}][{e}]")
+        if toks:
+            out[(b, e)] = toks
+    return out
+
+
+def _prefix_cache(model, prefix, cache_kw: str, extra: dict, patched: bool):
+    """Run each used expert's prefix once (row u: its tokens, left-padded, its adapter) and return
+    the KV cache with row u copied to every copy of that expert ([N] rows). Padded positions'
+    keys and values are zeroed, so a copy never reads non-finite values from them."""
+    p_ids, p_mask, p_names, row_of = prefix
+    p_pos = (p_mask.cumsum(-1) - 1).masked_fill(p_mask == 0, 0)
+    sel = use_adapters(model, p_names) if patched else contextlib.nullcontext()
+    with sel:
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                    **extra)
+    cache = _returned_cache(out)
+    layers = getattr(cache, "layers", None)
+    if not hasattr(cache, "batch_select_indices") or layers is None:
+        raise TypeError(f"prefix_cache=True needs the model to return a transformers Cache with "
+                        f"batch_select_indices (DynamicCache); {type(model).__name__} returned "
+                        f"{type(cache).__name__}: pass prefix_cache=False")
+    pad = (p_mask == 0)[:, None, :, None]  # [U, 1, Lp, 1]
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != p_mask.shape[1]:
+                raise TypeError(f"prefix_cache=True: a cache layer of {type(layer).__name__} is "
+                                "not [rows, heads, positions, dim] (a sliding or recurrent "
+                                "cache); pass prefix_cache=False")
+            t.masked_fill_(pad, 0)
+    cache.batch_select_indices(row_of)
+    return cache
+
+
 # ---- the model call --------------------------------------------------------------------------
 
 def _forward_kwargs(model) -> tuple[str, bool]:
@@ -212,6 +265,8 @@ def ensemble_generate(
     eos_token_id: int | Sequence[int] | None = None,
     expert_prompts: Sequence | None = None,
     pad_token_id: int | None = None,
+    expert_content: Sequence | None = None,
+    prefix_cache: bool = True,
 ) -> torch.LongTensor:
     """Generate from a weighted ensemble of experts, all run in one batched forward per step.
 
@@ -223,6 +278,12 @@ def ensemble_generate(
         appended to every expert's copy of sequence b.
     The weights are fixed for the whole generation. A sequence stops after it emits an EOS token;
     later positions hold ``pad_token_id``; the loop ends when every sequence has stopped.
+    ``prefix_e + prompt_b`` is ``prefix_e + content[b][e] + prompt_b`` with ``expert_content``.
+
+    Sparse: only the (sequence, expert) pairs with a used weight (> 0 in "probs", != 0 in
+    "logits" mode; the others contribute nothing to z) get a copy, so the forward runs
+    N = sum_b |{e: w[b, e] used}| rows instead of B * E, and the result equals the dense ensemble
+    in which the unused weights are 0.
 
     Args:
         model: a causal LM (Hugging Face API: ``model(input_ids, attention_mask, position_ids,
@@ -252,6 +313,16 @@ def ensemble_generate(
             Copies of unequal length are left-padded.
         pad_token_id: fills positions after EOS (and tells padding apart when attention_mask
             is None); None takes the generation config's, else the first EOS id, else 0.
+        expert_content: None, or per-(sequence, expert) content: B lists of E token-id sequences
+            (None or [] for none), ``expert_content[b][e]`` going between expert e's prefix and
+            prompt b (PELMo's retrieved passages or generated knowledge per question). Entries of
+            pairs whose weight is unused are ignored.
+        prefix_cache: with ``expert_prompts``, run each selected expert's prefix once (one row
+            per expert, its adapter, positions 0..) and give every copy of that expert a copy of
+            its KV cache, instead of recomputing the prefix in each of the B copies. The model must
+            return a ``transformers`` Cache with ``batch_select_indices`` (DynamicCache);
+            otherwise a TypeError says to pass ``prefix_cache=False``. The cache's memory is
+            still one copy per row (HF caches have no shared blocks); the compute is once.
 
     Returns:
         LongTensor [B, P + T], the input prompts followed by the generated tokens, T <=
@@ -307,34 +378,73 @@ def ensemble_generate(
     if B == 0 or max_new_tokens == 0:
         return input_ids.clone()
 
-    # ---- the copies: row n = b * E + e ------------------------------------------------------
-    lengths = attention_mask.sum(1)
-    if any(prefixes) or not bool((attention_mask[:, -1] == 1).all()):
-        # rebuild every copy as prefix_e + the prompt's real tokens, left-padded to a common L
+    # ---- the copies: one per (sequence, used expert), row-major ------------------------------
+    live = (w > 0) if mode == "probs" else (w != 0)  # [B, E]: the experts each sequence runs
+    pairs = [tuple(p) for p in live.nonzero().tolist()]  # copy n = (b, e), b ascending
+    N = len(pairs)
+    seq_of = torch.tensor([b for b, _ in pairs], dtype=torch.long, device=device)  # [N]
+    K = int(live.sum(1).max())
+    slot_rows = torch.zeros(B, K, dtype=torch.long)  # [B, K]: copy of slot j of sequence b
+    slot_w = torch.zeros(B, K, dtype=torch.float32)  # [B, K]: its weight (0 = empty slot)
+    fill = [0] * B
+    w_host = w.cpu()
+    for n, (b, e) in enumerate(pairs):
+        slot_rows[b, fill[b]] = n
+        slot_w[b, fill[b]] = w_host[b, e]
+        fill[b] += 1
+    for b in range(B):  # empty slots read the sequence's first copy, weight 0 (skipped)
+        slot_rows[b, fill[b]:] = slot_rows[b, 0]
+    slot_rows, slot_w = slot_rows.to(device), slot_w.to(device)
+    contents = _check_content(expert_content, B, E, pairs)  # {(b, e): [tokens]}
+
+    def left_pad(seqs):
+        Lc = max(len(c) for c in seqs)
+        t = torch.full((len(seqs), Lc), pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(seqs), Lc), dtype=torch.long)
+        for i, c in enumerate(seqs):
+            if c:
+                t[i, Lc - len(c):] = torch.tensor(c, dtype=torch.long)
+                m[i, Lc - len(c):] = 1
+        return t.to(device), m.to(device)
+
+    used = sorted({e for _, e in pairs})
+    shared = prefix_cache and any(prefixes[e] for e in used)
+    prefix = None  # (ids [U, Lp], mask [U, Lp], names [U], copy -> row [N]) when shared
+    if (shared or contents or any(prefixes[e] for e in used)
+            or not bool((attention_mask[:, -1] == 1).all())):
+        # rebuild every copy as [prefix_e] + content_be + the prompt's real tokens, left-padded
         rows = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(B)]
-        copies = [prefixes[e] + rows[b] for b in range(B) for e in range(E)]
-        empty = sorted({n // E for n, c in enumerate(copies) if not c})
+        head = [[] if shared else prefixes[e] for _, e in pairs]
+        copies = [h + contents.get((b, e), []) + rows[b] for h, (b, e) in zip(head, pairs)]
+        empty = sorted({b for (b, e), c in zip(pairs, copies) if not c and not prefixes[e]})
         if empty:
             raise ValueError(f"sequence(s) {empty} have no tokens (an all-zero attention_mask "
                              "row and no expert prompt)")
-        L = max(len(c) for c in copies)
-        ids = torch.full((B * E, L), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((B * E, L), dtype=torch.long)
-        for n, c in enumerate(copies):
-            ids[n, L - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[n, L - len(c):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        if shared and not all(copies):
+            raise ValueError("prefix_cache=True needs every sequence to have at least one token "
+                             "after the expert prefix (an all-zero attention_mask row); pass "
+                             "prefix_cache=False")
+        ids, mask = left_pad(copies)  # [N, L]
+        if shared:
+            u_of = {e: i for i, e in enumerate(used)}
+            p_ids, p_mask = left_pad([prefixes[e] for e in used])  # [U, Lp]
+            prefix = (p_ids, p_mask, [experts[e] for e in used],
+                      torch.tensor([u_of[e] for _, e in pairs], dtype=torch.long, device=device))
     else:
-        if bool((lengths == 0).any()):
+        if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("every sequence needs at least one token")
-        ids = input_ids.repeat_interleave(E, dim=0)  # [N, P]
-        mask = attention_mask.repeat_interleave(E, dim=0)
-    N = B * E
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, L]
+        ids = input_ids[seq_of]  # [N, P]
+        mask = attention_mask[seq_of]
+    if prefix is not None:
+        full = torch.cat([prefix[1][prefix[3]], mask], dim=1)  # [N, Lp + L]
+        pos = ((full.cumsum(-1) - 1).masked_fill(full == 0, 0))[:, prefix[1].shape[1]:]
+        mask = full
+    else:
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, L]
 
     cache_kw, has_keep = _forward_kwargs(model)
     extra = {"logits_to_keep": 1} if has_keep else {}
-    names = [experts[n % E] for n in range(N)]
+    names = [experts[e] for _, e in pairs]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
@@ -342,16 +452,20 @@ def ensemble_generate(
     step_pos = pos
     step_ids = ids
     cache = None
+    patched = is_patched(model)
+    if prefix is not None:
+        with torch.inference_mode():
+            cache = _prefix_cache(model, prefix, cache_kw, extra, patched)
 
-    selection = use_adapters(model, names) if is_patched(model) else contextlib.nullcontext()
+    selection = use_adapters(model, names) if patched else contextlib.nullcontext()
     with torch.inference_mode(), selection:
         for t in range(max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
                         use_cache=True, **{cache_kw: cache}, **extra)
             cache = _returned_cache(out)
             logits = out.logits[:, -1, :]  # [N, V]
-            logits = logits.view(B, E, logits.shape[-1])  # [B, E, V]
-            tok = mix_next_token(logits, w, mode, do_sample=do_sample, temperature=temperature,
+            logits = logits[slot_rows]  # [B, K, V]; empty slots have weight 0
+            tok = mix_next_token(logits, slot_w, mode, do_sample=do_sample, temperature=temperature,
                                  top_p=top_p, generator=generator)  # [B]
             if eos_t is not None:
                 tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
@@ -359,7 +473,7 @@ def ensemble_generate(
             new_tokens.append(tok)
             if t == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
                 break
-            step_ids = tok.repeat_interleave(E)[:, None]  # [N, 1]
+            step_ids = tok[seq_of][:, None]  # [N, 1]
             step_pos = step_pos[:, -1:] + 1
             step_mask = torch.cat([step_mask, step_mask.new_ones(N, 1)], dim=1)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
