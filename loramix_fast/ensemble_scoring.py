@@ -40,6 +40,10 @@ def _check_ids(input_ids, attention_mask):
     elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids "
                          f"{tuple(input_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+    if input_ids.is_inference():  # e.g. from ensemble_generate: autograd cannot save those
+        input_ids = input_ids.clone()
+    if attention_mask.is_inference():
+        attention_mask = attention_mask.clone()
     return input_ids.long(), attention_mask.to(device=input_ids.device, dtype=torch.long)
 
 
