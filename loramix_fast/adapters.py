@@ -300,18 +300,6 @@ def _all_finite(factors: dict) -> bool:
     return all(math.isfinite(float(torch.stack(v).sum())) for v in sums.values())
 
 
-def _unpatch_new(model, before: dict) -> None:
-    """Undo the patching of every module of ``model`` that was not in ``before`` (a failed add)."""
-    st = getattr(model, "_loramix_state", None)
-    if st is None:
-        return
-    for mod in [m for m in st.patched if m not in before]:
-        new = st.patched.pop(mod)
-        parent_name, _, child = mod.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new.base_layer)
-
-
 class AdapterLibrary:
     """Named LoRA adapters in per-module slot pools, for the kernels.
 
@@ -373,7 +361,7 @@ class AdapterLibrary:
         self._version = 0
         self._lock = threading.RLock()  # add holds it while it patches models
         self._cond = threading.Condition(self._lock)
-        self._models: "weakref.WeakSet" = weakref.WeakSet()
+        self._listeners: "weakref.WeakSet" = weakref.WeakSet()  # see subscribe (patched models)
         self._pinned: "weakref.WeakSet" = weakref.WeakSet()  # snapshots of running forwards
         self._state = _pool.State(0, {}, (), {}, {})
 
@@ -450,36 +438,48 @@ class AdapterLibrary:
         with self._lock:
             if name in self._ids:
                 raise ValueError(f"adapter {name!r} is already in the library")
+            listeners = list(self._listeners)
+            for ls in listeners:  # a listener (a patched model) may refuse the adapter
+                ls.check_adapter(self, name, factors)
             self._check_fits(name, factors)
-            models = [(m, dict(m._loramix_state.patched)) for m in self._patched_models()]
             self._commit(name, factors, config, _path)
+            undo = []
             try:
-                for model, _ in models:  # a patched model patches the modules it newly needs
-                    model._loramix_state.extend(model)
+                for ls in listeners:  # e.g. a patched model patches the modules it newly needs
+                    u = ls.adapter_added(self, name)
+                    if u is not None:
+                        undo.append(u)
             except BaseException:
                 self._discard(name)
-                for model, before in models:
-                    _unpatch_new(model, before)
+                for u in reversed(undo):
+                    u()
                 raise
 
-    def _patched_models(self) -> list:
-        return [m for m in list(self._models) if getattr(m, "_loramix_state", None) is not None]
+    # ---- listeners: the library knows no model, it publishes its changes ---------------------
+    def subscribe(self, listener) -> None:
+        """Tell ``listener`` (held weakly) of every add. Inside ``add``, under the library's lock:
+        ``listener.check_adapter(lib, name, factors)`` before the adapter is committed (raise
+        AdapterError to refuse it), then ``listener.adapter_added(lib, name)`` after, returning
+        None or a callable that undoes what it did (called when a later listener fails and the
+        add is rolled back; a listener that raises must leave itself as it was). Removes, evictions
+        and other changes are not announced: a forward reads the library's state as of its start.
+        ``lmf.patch`` subscribes the model's patch state (it patches the modules a new adapter
+        targets)."""
+        for m in ("check_adapter", "adapter_added"):
+            if not callable(getattr(listener, m, None)):
+                raise TypeError(f"a library listener needs a method {m}(lib, name, ...); "
+                                f"{type(listener).__name__} has none")
+        with self._lock:
+            self._listeners.add(listener)
+
+    def unsubscribe(self, listener) -> None:
+        """Stop telling ``listener`` of adds (a no-op if it was not subscribed)."""
+        with self._lock:
+            self._listeners.discard(listener)
 
     def _check_fits(self, name: str, factors: dict) -> None:
-        """AdapterError if a factor's K / N differ from the library's other adapters' on its module
-        or from the module's in/out features in a model this library is patched into."""
-        for model in self._patched_models():
-            patched = model._loramix_state.patched
-            for mod, f in factors.items():
-                new = patched.get(mod)
-                if new is None:
-                    continue  # not patched yet: the model checks it when it patches (add rolls back)
-                if f.A.shape[1] != new.in_features or f.B.shape[0] != new.out_features:
-                    raise AdapterError(
-                        f"adapter {name!r}, module {mod!r}: the patched module of "
-                        f"{type(model).__name__} has in={new.in_features}, "
-                        f"out={new.out_features}, but A {tuple(f.A.shape)} / B "
-                        f"{tuple(f.B.shape)} give K={f.A.shape[1]}, N={f.B.shape[0]}")
+        """AdapterError if a factor's K / N differ from the library's other adapters' on its
+        module (the listeners check the modules of the models they patch)."""
         for mod, f in factors.items():
             K, N = f.A.shape[1], f.B.shape[0]
             meta = self._meta.get(mod)
@@ -737,7 +737,7 @@ class AdapterLibrary:
         n = len(self._adapters)
         head = (f"AdapterLibrary({n} adapter{'s' if n != 1 else ''}, {len(self.modules())} "
                 f"modules, {mb(total)}")
-        models = len(self._patched_models()) if hasattr(self, "_models") else 0
+        models = len(self._listeners) if hasattr(self, "_listeners") else 0
         head += f", patched into {models} model{'s' if models != 1 else ''})" if models else ")"
         return "\n".join([head + (":" if lines else "")] + lines)
 
@@ -813,6 +813,20 @@ class AdapterLibrary:
         ts += [t for fs in list(self._host.values()) + list(self._leaves.values()) if fs
                for f in fs.values() for t in (f.A, f.B)]
         return _pool.storages_nbytes(ts)
+
+    def residency(self) -> dict:
+        """With ``max_resident``: per placement ``"dtype@device"``, ``{"resident": [names in slot
+        order, None for an empty slot], "limit", "hits", "loads", "evictions"}`` since the
+        placement's pool was created (hits: a forward's adapter already resident; loads: written
+        into a slot, a miss; evictions: loads that replaced another adapter). ``{}`` without
+        ``max_resident`` (every adapter is resident) or before the first forward."""
+        with self._lock:
+            out = {}
+            for (dtype, device), res in self._res.items():
+                out[f"{str(dtype).replace('torch.', '')}@{device}"] = dict(
+                    resident=[o[1] if o is not None else None for o in res.occupant],
+                    limit=res.limit, hits=res.hits, loads=res.loads, evictions=res.evictions)
+            return out
 
     def stack(self, module: str, dtype: torch.dtype, device) -> ModuleStack | None:
         """The stack of every adapter for ``module`` in ``dtype`` on ``device`` (views into the
@@ -955,6 +969,7 @@ class AdapterLibrary:
                     for i in need:  # pinned at once: other forwards cannot evict them now
                         if i in res.slot_of:
                             res.pins[res.slot_of[i]].add(snap)
+                    res.hits += len(need) - len(missing)
                     for i in missing:
                         if i in res.slot_of:  # loaded by another forward while this one waited
                             res.pins[res.slot_of[i]].add(snap)
@@ -998,6 +1013,8 @@ class AdapterLibrary:
         if old is not None:
             res.slot_of.pop(old[0], None)
             res.lru.pop(old[0], None)
+            res.evictions += 1
+        res.loads += 1
         meta = {}
         for mod, f in factors.items():
             if f.rank == 0:
@@ -1185,7 +1202,7 @@ class AdapterLibrary:
     # state (a patched model's copy re-attaches itself to the library's copy when unpickled)
     def __getstate__(self):
         state = dict(self.__dict__)
-        for k in ("_lock", "_cond", "_models", "_pinned"):
+        for k in ("_lock", "_cond", "_listeners", "_pinned"):
             state.pop(k, None)
         st = self._state
         state["_state"] = _pool.State(st.version, st.ids, st.names, st.mods, st.live)
@@ -1196,11 +1213,5 @@ class AdapterLibrary:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._models = weakref.WeakSet()
+        self._listeners = weakref.WeakSet()
         self._pinned = weakref.WeakSet()
-
-    def _attach(self, model) -> None:
-        self._models.add(model)
-
-    def _detach(self, model) -> None:
-        self._models.discard(model)

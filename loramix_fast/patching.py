@@ -62,10 +62,43 @@ class PatchState:
     _default_sel: object = None  # (library version, Selection) of default_adapter
     model_ref: object = None  # weakref to the patched model (attached to the library on unpickle)
 
-    def extend(self, model) -> None:
-        """Patch the modules a newly added adapter targets (the library calls it from ``add``:
-        the library knows no model, only the patch states attached to it)."""
-        _extend_patch(model, self.lib)
+    # ---- a listener of the library (lib.subscribe): the library knows no model ------------
+    def check_adapter(self, lib, name: str, factors: dict) -> None:
+        """AdapterError if a factor of adapter ``name`` does not fit a patched module's in / out
+        features (modules not patched yet are checked when :meth:`adapter_added` patches them)."""
+        model = self.model_ref() if self.model_ref is not None else None
+        for mod, f in factors.items():
+            new = self.patched.get(mod)
+            if new is None:
+                continue
+            if f.A.shape[1] != new.in_features or f.B.shape[0] != new.out_features:
+                raise AdapterError(
+                    f"adapter {name!r}, module {mod!r}: the patched module of "
+                    f"{type(model).__name__} has in={new.in_features}, "
+                    f"out={new.out_features}, but A {tuple(f.A.shape)} / B "
+                    f"{tuple(f.B.shape)} give K={f.A.shape[1]}, N={f.B.shape[0]}")
+
+    def adapter_added(self, lib, name: str):
+        """Patch the modules the new adapter ``name`` targets; returns the undo (a failed add),
+        or None. Leaves the model as it was when it raises."""
+        model = self.model_ref() if self.model_ref is not None else None
+        if model is None or getattr(model, "_loramix_state", None) is not self:
+            return None
+        before = set(self.patched)
+        try:
+            _extend_patch(model, lib)
+        except BaseException:
+            self._unpatch_new(model, before)
+            raise
+        return lambda: self._unpatch_new(model, before)
+
+    def _unpatch_new(self, model, before: set) -> None:
+        """Put back the base layer of every module patched since ``before``."""
+        for mod in [m for m in self.patched if m not in before]:
+            new = self.patched.pop(mod)
+            parent_name, _, child = mod.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new.base_layer)
 
     # pickle / deepcopy: the library's lock and registry of models are not state; the copy of the
     # model is attached to the copy of the library when this state is rebuilt
@@ -80,7 +113,7 @@ class PatchState:
         self.__dict__.update(state)
         self.model_ref = weakref.ref(model) if model is not None else None
         if model is not None:
-            self.lib._attach(model)
+            self.lib.subscribe(self)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -130,7 +163,7 @@ def patch(model: nn.Module, lib: AdapterLibrary, router=None) -> nn.Module:
                                                     always_call=True))
         if hasattr(model, "generate"):
             model.generate = _Generate(model)
-        lib._attach(model)
+        lib.subscribe(st)
         if router is not None:
             set_router(model, router)
     except BaseException:
@@ -249,7 +282,7 @@ def unpatch(model: nn.Module, guard: bool = True) -> nn.Module:
     st.hooks.clear()
     if isinstance(model.__dict__.get("generate"), _Generate):
         del model.__dict__["generate"]
-    st.lib._detach(model)
+    st.lib.unsubscribe(st)
     object.__setattr__(model, "_loramix_state", None)
     del model.__dict__["_loramix_state"]
     if guard:

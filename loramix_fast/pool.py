@@ -251,6 +251,9 @@ class Resident:
         self.pins: list = []  # slot -> WeakSet of snapshots
         self.epoch = 0
         self.views: dict = {}  # (epoch, version or None) -> ResView
+        # counters (``AdapterLibrary.residency``): a forward's adapter found resident / loaded;
+        # loads that replaced another adapter
+        self.hits = self.loads = self.evictions = 0
 
     def free_slot(self, keep: set):
         """A slot to load into: a never-used one, else the least recently used adapter that no

@@ -300,7 +300,7 @@ def test_invalid_router_leaves_model_unpatched(llama):
         assert not any(isinstance(x, lmf.MultiLoRALinear) for x in m.modules())
         assert (len(m._forward_pre_hooks), len(m._forward_hooks)) == hooks
         assert "generate" not in m.__dict__
-        assert len(lib._models) == 0
+        assert len(lib._listeners) == 0
     with pytest.raises(TypeError, match=r"lmf\.SpectR\(\)"):
         lmf.patch(m, lib, router="spectr")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):

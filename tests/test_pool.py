@@ -205,6 +205,18 @@ def test_residency_evicts_lru_and_reloads(base, dirs, offload):
     # LRU: after ["p1", "p0"] then ["p2", "p3"], p2 and p3 are resident, in the two slots
     assert set(res.slot_of) == {lib.id_of("p2"), lib.id_of("p3")}
     assert lib.stack(Q0, torch.float32, "cpu").A.shape[0] == 2  # slots, not ids
+    # the counters: 6 forwards above select 11 adapters (2 already resident: p1, p0), 2 loads
+    # fill never-used slots
+    r0 = lib.residency()["float32@cpu"]
+    assert sorted(r0["resident"]) == ["p2", "p3"] and r0["limit"] == 2
+    assert (r0["hits"], r0["loads"], r0["evictions"]) == (2, 9, 7)
+    model(ids, adapter_names=["p3", "p2", "p3"])  # both resident: two hits
+    model(ids, adapter_names=["p2", "p0", "p2"])  # p0 is loaded in place of p3 (the LRU one)
+    r1 = lib.residency()["float32@cpu"]
+    assert (r1["hits"] - r0["hits"], r1["loads"] - r0["loads"],
+            r1["evictions"] - r0["evictions"]) == (3, 1, 1)
+    assert sorted(r1["resident"]) == ["p0", "p2"]
+    assert _fresh(dirs, ["p0"]).residency() == {}
     if offload == "folder":
         assert all(lib._host[n] is None for n in names)
     with pytest.raises(AdapterError, match="selects 3 adapters at once.*max_resident=2"):
@@ -347,6 +359,59 @@ def test_library_does_not_import_patching():
 
     src = inspect.getsource(adapters)
     assert ".patching" not in src and "_extend_patch" not in src
+    # nor does it reach into a model: it only calls its listeners
+    assert "_loramix_state" not in src and "setattr(" not in src and "get_submodule" not in src
+
+
+class _Listener:
+    def __init__(self, refuse=None, fail=False):
+        self.refuse, self.fail, self.seen, self.undone = refuse, fail, [], []
+
+    def check_adapter(self, lib, name, factors):
+        if name == self.refuse:
+            raise AdapterError(f"listener refuses {name!r}")
+
+    def adapter_added(self, lib, name):
+        if self.fail:
+            raise AdapterError("listener failed")
+        self.seen.append((name, lib.id_of(name), name in lib))
+        return lambda: self.undone.append(name)
+
+
+def test_listeners_hear_adds_refuse_and_roll_back(base, dirs):
+    lib = lmf.AdapterLibrary()
+    a, b = _Listener(refuse="no"), _Listener()
+    lib.subscribe(a)
+    lib.subscribe(b)
+    lib.add("x", _factors(1))
+    assert a.seen == [("x", 0, True)] and b.seen == [("x", 0, True)]
+    with pytest.raises(AdapterError, match="listener refuses 'no'"):  # before the commit
+        lib.add("no", _factors(2))
+    assert "no" not in lib and lib.names == ("x",) and len(a.seen) == 1
+    c = _Listener(fail=True)
+    lib.subscribe(c)
+    v = lib.version
+    with pytest.raises(AdapterError, match="listener failed"):
+        lib.add("y", _factors(3))
+    # rolled back: the library as it was, the listeners that had seen the add undid it
+    assert "y" not in lib and lib.names == ("x",) and lib.version > v
+    for ls in (a, b):  # (listeners are called in no set order: c may come first)
+        assert ls.undone == [n for n, _, _ in ls.seen if n == "y"]
+    lib.unsubscribe(c)
+    lib.add("y", _factors(3))
+    assert lib.id_of("y") == 1
+    with pytest.raises(TypeError, match="check_adapter"):
+        lib.subscribe(object())
+    # a patched model is a listener like any other: added (weakly held), dropped by unpatch
+    model = lmf.patch(copy.deepcopy(base), lib)
+    assert len(lib._listeners) == 3
+    lmf.unpatch(model, guard=False)
+    assert len(lib._listeners) == 2
+    del a
+    import gc
+
+    gc.collect()
+    assert len(lib._listeners) == 1  # held weakly
 
 
 def test_pool_helpers():
