@@ -1214,3 +1214,142 @@ def routing_report(model) -> RoutingReport:
     if rec is None:
         raise ValueError("routing is not being recorded: call lmf.record_routing(model) first")
     return rec
+
+
+# ---- learned routing (issue 10 item 4: the trade-offs paper's SGD routing, ELREA's MoLE) -------
+
+class LearnedRouter(_Router):
+    """Learned per-token, per-layer routing: each patched module has its own linear map from its
+    input to logits over the experts, softmax (over the top k, optional), output-space mix of the
+    selected experts' deltas through the fused op (differentiable in the routing weights).
+
+    Semantics per patched module with gate ``W [E, K]`` (E = the library's adapter ids) and
+    input rows ``x [M, K]``:
+        l[m, e] = W[e] . x[m]              init="zero"   (all-zero gate: mu-routing at step 0)
+        l[m, e] = |W[e] . x[m]|            init="arrow"  (Arrow's sign-free score; see ``absolute``)
+        l[m, e] = -inf where expert e does not target the module (rank 0 there)
+        top_k=None: w = softmax(l / temperature) over every expert; else over the k largest l
+        y[m] = base(x[m]) + sum_{e selected} w[m, e] * dW_e x[m]
+    init="arrow" sets row e of every module's gate to expert e's Arrow prototype v_e (the top
+    right singular vector of dW_e = scale_e B_e A_e; the paper's Arrow-HC initialisation), so at
+    step 0 the logits are Arrow's scores ``|v_e . x|`` and ``LearnedRouter(top_k=k, init="arrow")``
+    routes exactly as ``Arrow(top_k=k)``.
+
+    Training: the gates are created when the router is attached (``lmf.patch(..., router=r)`` or
+    ``lmf.set_router(model, r)``), one fp32 leaf tensor per patched module on its device; pass
+    ``r.parameters()`` to any optimizer and train on the model's loss with no ``adapter_names``
+    (an explicit selection bypasses the router). Attach before creating the optimizer; after
+    adding adapters to the library call ``set_router`` again (new rows are created, existing ones
+    kept; a new optimizer is needed). Libraries with ``max_resident`` are not supported (a router
+    needs every expert resident).
+
+    Args:
+        top_k: None (softmax over every expert) or k >= 1 (clamped to the library's size).
+        init: "zero" or "arrow".
+        temperature: softmax temperature (> 0).
+        absolute: use ``|W x|`` as logits (default: True for init="arrow", False for "zero";
+            ``|.|`` of an all-zero gate has no gradient).
+    """
+
+    def __init__(self, top_k: int | None = None, init: str = "zero", temperature: float = 1.0,
+                 absolute: bool | None = None):
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if init not in ("zero", "arrow"):
+            raise ValueError(f"init must be 'zero' or 'arrow', got {init!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.top_k = None if top_k is None else int(top_k)
+        self.init, self.temperature = init, float(temperature)
+        self.absolute = (init == "arrow") if absolute is None else bool(absolute)
+        self._gates: dict = {}  # module name -> W [E, K] fp32 leaf
+
+    def __repr__(self):
+        return (f"LearnedRouter(top_k={self.top_k}, init={self.init!r}, temperature="
+                f"{self.temperature}, absolute={self.absolute})")
+
+    def bind(self, st) -> None:
+        """Create (or extend to new adapter ids) the gate of every patched module of ``st``."""
+        if getattr(st.lib, "_max_resident", None) is not None:
+            raise ValueError("LearnedRouter needs every expert resident: build the library "
+                             "without max_resident")
+        with torch.no_grad():
+            for name, module in st.patched.items():
+                stack = module.stack()
+                if stack is None:
+                    continue
+                E, K = stack.A.shape[0], stack.A.shape[2]
+                old = self._gates.get(name)
+                if old is not None and old.shape[0] >= E:
+                    continue
+                W = torch.zeros(E, K, dtype=torch.float32, device=stack.A.device)
+                if self.init == "arrow":
+                    al = align_stack(stack, variant="official")  # row 0 of A* = v_e^T
+                    live = (al.rank > 0).to(W.device)
+                    W[:] = torch.where(live[:, None], al.A_star[:, 0].float(), W)
+                if old is not None:
+                    W[:old.shape[0]] = old
+                self._gates[name] = W.requires_grad_(True)
+
+    def named_parameters(self) -> list:
+        """``[(module_name, W [E, K])]`` in module order: the trainable gates."""
+        return sorted(self._gates.items())
+
+    def parameters(self) -> list:
+        """The trainable gates (fp32 leaf tensors with ``requires_grad``), one per module."""
+        return [w for _, w in self.named_parameters()]
+
+    def state_dict(self) -> dict:
+        return {n: w.detach().clone() for n, w in self._gates.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy gates in place (the tensors an optimizer holds stay the same objects)."""
+        with torch.no_grad():
+            for n, w in state.items():
+                if n not in self._gates or self._gates[n].shape != w.shape:
+                    raise ValueError(f"gate {n!r}: shape {tuple(w.shape)} does not match "
+                                     f"{tuple(self._gates[n].shape) if n in self._gates else None}")
+                self._gates[n].copy_(w)
+
+    def logits(self, module, x2: torch.Tensor, stack=None) -> torch.Tensor:
+        """The gate's logits ``l [M, E]`` for a module's input rows ``x2 [M, K]`` (-inf for the
+        experts without a factor on the module)."""
+        stack = module.stack() if stack is None else stack
+        W = self._gates.get(module.lmf_name)
+        if W is None or W.shape[0] < stack.A.shape[0]:
+            raise ValueError(f"LearnedRouter has no gate for module {module.lmf_name!r} over "
+                             f"{stack.A.shape[0]} adapter ids (attach it with lmf.set_router "
+                             "again after adding adapters)")
+        l = F.linear(x2.to(W.dtype), W[:stack.A.shape[0]])  # [M, E]
+        if self.absolute:
+            l = l.abs()
+        live = (stack.rank > 0).to(l.device)
+        return l.masked_fill(~live[None, :], float("-inf"))
+
+    def forward(self, module, x):
+        from .merging import autograd_safe_stack
+
+        stack = module.stack()
+        if stack is None:
+            return module.base_layer(x)
+        if stack.lut is not None:
+            raise ValueError("LearnedRouter needs every expert resident (no max_resident)")
+        if torch.is_grad_enabled():
+            stack = autograd_safe_stack(stack)
+        x2 = x.reshape(-1, x.shape[-1])
+        l = self.logits(module, x2, stack)  # [M, E]
+        M, E = l.shape
+        k = E if self.top_k is None else self.effective_top_k(E)
+        if k < E:
+            val, idx = torch.topk(l, k, dim=1)
+        else:
+            val, idx = l, torch.arange(E, device=l.device).expand(M, E)
+        ok = torch.isfinite(val)
+        w = torch.softmax(val / self.temperature, dim=1)
+        w = torch.where(ok, w, torch.zeros_like(w))
+        idx = torch.where(ok, idx, torch.full_like(idx, -1)).to(torch.int32).contiguous()
+        _record(module, idx, torch.softmax(l.detach() / self.temperature, dim=1), w.detach())
+        return module.apply_adapters(x, stack, idx, w.contiguous())
+
+
+__all__ += ["LearnedRouter"]
