@@ -1,6 +1,6 @@
 """Model-level benchmark of multi-tenant serving (issue: core), CPU, fp32 or bf16.
 
-    python bench/bench_model.py [--quick] [--dtype bfloat16] [--only decode] [--threads N]
+    python bench/bench_model.py [--quick] [--dtype bfloat16] [--only decode] [--threads N] [--clock cpu]
 
 Llama with hidden 1024 (8 layers, intermediate 2816, 16 heads, vocab 32000, random weights),
 16 rank-16 LoRA adapters on every linear layer (peft save_pretrained folders). Shapes:
@@ -11,7 +11,8 @@ Providers, side by side (round-robin, median after warm-up):
     base  the unpatched model (the floor)
     ours  lmf.patch + adapter_names (one fused multi-LoRA op per linear)
     peft  PeftModel with every adapter loaded + adapter_names (peft's mixed batch)
-``run(quick) -> list[dict]``.
+``--clock cpu`` (with ``--threads 1``): this thread's CPU time instead of wall time (leaves out the
+time spent descheduled on an oversubscribed machine). ``run(quick) -> list[dict]``.
 """
 from __future__ import annotations
 
@@ -58,15 +59,19 @@ SHAPES = {"decode": (16, 32, 1, 16), "prefill": (4, 0, 128, 4)}  # batch, contex
 
 
 def run(quick: bool = False, layers: int = LAYERS, dtype: torch.dtype = torch.float32,
-        shapes=tuple(SHAPES), threads: int | None = None) -> list[dict]:
+        shapes=tuple(SHAPES), threads: int | None = None, clock: str = "wall") -> list[dict]:
     if threads:  # every provider on this many threads (restored after)
         was = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return run(quick, layers, dtype, shapes)
+            return run(quick, layers, dtype, shapes, clock=clock)
         finally:
             torch.set_num_threads(was)
     import os
+
+    from bench.bench_multi_lora_op import _clock
+
+    timer = _clock(clock)
 
     rows = []
     load0 = os.getloadavg()[0]
@@ -107,7 +112,7 @@ def run(quick: bool = False, layers: int = LAYERS, dtype: torch.dtype = torch.fl
 
             fns = {p: call(p, m) for p, m in (("base", base), ("ours", ours), ("peft", peft))}
             reps = (5 if quick else 40) if shape == "decode" else (2 if quick else 5)
-            tm = time_side_by_side(fns, reps=reps, warmup=2, with_p10=True)
+            tm = time_side_by_side(fns, reps=reps, warmup=2, with_p10=True, clock=timer)
             med = {k: v[0] for k, v in tm.items()}
             for prov, s in med.items():
                 rows.append(dict(shape=shape, provider=prov, batch=b, tokens=t, context=ctx,
@@ -116,8 +121,8 @@ def run(quick: bool = False, layers: int = LAYERS, dtype: torch.dtype = torch.fl
                                  vs_peft=med["peft"] / s, tok_s=b * t / s,
                                  ratio_p10=tm[prov][1] / tm["base"][1],
                                  adapter_share=lib_bytes / read_bytes * n_distinct / N_ADAPTERS,
-                                 layers=layers, threads=torch.get_num_threads()))
-    where = f"{machine()}; {load_line(load0)}"
+                                 layers=layers, threads=torch.get_num_threads(), clock=clock))
+    where = f"{machine()}; {load_line(load0)}; clock: {clock}"
     for r in rows:
         r["machine"] = where
     return rows
@@ -143,10 +148,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--only", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this thread's CPU time (needs --threads 1)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = run(a.quick, a.layers, getattr(torch, a.dtype), a.only)
+    rows = run(a.quick, a.layers, getattr(torch, a.dtype), a.only, clock=a.clock)
     print(format_table(rows))
 
 

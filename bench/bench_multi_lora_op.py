@@ -1,6 +1,6 @@
 """Benchmark of the fused multi-LoRA linear (DESIGN.md operation 1) on CPU.
 
-    python bench/bench_multi_lora_op.py [--quick] [--dtype float32] [--threads N]
+    python bench/bench_multi_lora_op.py [--quick] [--dtype float32] [--threads N] [--clock cpu]
 
 Shapes: d_in = d_out = 2048, rank 16, 32 adapters, one slot per row (multi-tenant serving), decode
 M = 1, 4, 16, 64 and prefill M = 512, 1024, 4096; adapter popularity distinct (idx = arange % 32),
@@ -14,6 +14,9 @@ Providers, timed side by side (round-robin, inputs rotated, median after warm-up
 Columns: median ms, ratio to base, GB/s over the bytes the op must move (W + the used adapters'
 A[:r], B[:, :r] + x + y), GFLOP/s over base + delta flops (both from the median), and the 10th
 percentile time with its ratio to base's (on a shared machine, closer to the uncontended cost).
+``--clock cpu`` (with ``--threads 1``) times this thread's CPU time instead of wall time: on an
+oversubscribed machine it leaves out the time a call waits descheduled (cache and memory-bandwidth
+contention from the other processes still count).
 ``run(quick) -> list[dict]`` returns the rows for other writers (pytest-benchmark, RESULTS.md).
 """
 from __future__ import annotations
@@ -79,15 +82,18 @@ def _peft_layer(weight, A, B, scale):
 
 
 def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=POPS,
-        providers=("base", "ours", "loop", "peft", "gather"), threads: int | None = None) -> list[dict]:
+        providers=("base", "ours", "loop", "peft", "gather"), threads: int | None = None,
+        clock: str = "wall") -> list[dict]:
     if threads:  # every provider on this many threads (restored after)
         was = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return run(quick, dtype, Ms, pops, providers)
+            return run(quick, dtype, Ms, pops, providers, clock=clock)
         finally:
             torch.set_num_threads(was)
     import os
+
+    timer = _clock(clock)
 
     load0 = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
@@ -125,7 +131,7 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=P
                                   for x in xs]
             fns = {k: v for k, v in cand.items() if k in providers or k == "base"}
             with torch.inference_mode():
-                t = time_side_by_side(fns, _reps(M, quick), with_p10=True)
+                t = time_side_by_side(fns, _reps(M, quick), with_p10=True, clock=timer)
             used = int(torch.unique(idx).numel())
             nbytes = (N * K + used * 2 * R * K + M * K + M * N) * esz
             flops = 2 * M * K * N + 2 * M * R * (K + N)
@@ -134,11 +140,25 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float32, Ms=None, pops=P
                                  ms_p10=s10 * 1e3, ratio_p10=s10 / t["base"][1],
                                  gbps=nbytes / s / 1e9, gflops=flops / s / 1e9, adapters_used=used,
                                  K=K, N=N, E=E, R=R, dtype=str(dtype).split(".")[-1],
-                                 threads=torch.get_num_threads()))
-    where = f"{machine()}; {load_line(load0)}"
+                                 threads=torch.get_num_threads(), clock=clock))
+    where = f"{machine()}; {load_line(load0)}; clock: {clock}"
     for r in rows:
         r["machine"] = where
     return rows
+
+
+def _clock(clock: str):
+    """'wall' -> time.perf_counter; 'cpu' -> time.thread_time (one thread only: the CPU time of the
+    calling thread is the op's whole cost only when torch runs on that thread alone)."""
+    import time
+
+    if clock == "wall":
+        return time.perf_counter
+    if clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise ValueError(f"clock='cpu' needs threads=1 (torch has {torch.get_num_threads()})")
+        return time.thread_time
+    raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -159,6 +179,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--M", type=int, nargs="*", default=None, help="rows (default: all shapes)")
     p.add_argument("--pop", nargs="*", default=list(POPS), choices=POPS)
+    p.add_argument("--providers", nargs="*", default=["base", "ours", "loop", "peft", "gather"])
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this thread's CPU time (needs --threads 1)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -167,7 +190,7 @@ def main(argv=None) -> None:
 
     print(f"# multi_lora_linear, CPU, {a.dtype}, d_in = d_out = {K}, rank {R}, {E} adapters, S = 1")
     print(f"# backend: {pick_backend(torch.empty(0))}; {machine()}")
-    rows = run(a.quick, dtype, Ms=a.M, pops=a.pop)
+    rows = run(a.quick, dtype, Ms=a.M, pops=a.pop, providers=tuple(a.providers), clock=a.clock)
     print(format_table(rows))
 
 

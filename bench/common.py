@@ -10,19 +10,21 @@ import torch
 
 
 def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None,
-                      with_p10: bool = False) -> dict:
+                      with_p10: bool = False, clock=time.perf_counter) -> dict:
     """fns: name -> zero-arg callable or list of them (rotated inputs), timed round-robin so every
     provider sees the same machine state; returns name -> median seconds after warm-up, or
-    (median, 10th percentile) with ``with_p10`` (the p10 shows the uncontended time)."""
+    (median, 10th percentile) with ``with_p10`` (the p10 shows the uncontended time).
+    ``clock``: wall time by default; ``time.thread_time`` (this thread's CPU time) leaves out the
+    time a single-threaded call spends descheduled on an oversubscribed machine."""
     times = {k: [] for k in fns}
     for it in range(warmup + reps):
         for k, calls in fns.items():
             f = calls[it % len(calls)] if isinstance(calls, (list, tuple)) else calls
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if it >= warmup:
                 times[k].append(dt)
     if with_p10:
