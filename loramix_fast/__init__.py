@@ -11,6 +11,8 @@ from .ensemble_weights import elrea_weights, topk_renormalize  # noqa: F401
 from .ensemble_scoring import ensemble_logprobs, expert_logprobs, fit_ensemble_weights  # noqa: F401
 from .merging import fit_merge_weights, merge, merge_factors  # noqa: F401
 from .routing import LearnedRouter  # noqa: F401
+from .library_tools import (adapter_gram, adapter_similarity, cluster_experts,  # noqa: F401
+                            greedy_expert_subset)
 from .adapters import BASE, AdapterError, AdapterLibrary, LoRAFactors, ModuleStack  # noqa: F401
 from .modules import MultiLoRALinear  # noqa: F401
 from .training import LoRASpec  # noqa: F401
