@@ -91,15 +91,54 @@ GELU_Q = (-0.0019179460655813017, -0.18969032070701283, 0.015386572735018948,
           0.006086644671262617, 0.0004888744623972897)
 
 
+def _coef(c: torch.Tensor, i: int) -> torch.Tensor:
+    """Coefficient ``i`` of ``c [n]`` (a scalar) or of ``c [B, n]`` (``[B, 1]``, one per row)."""
+    v = c[..., i]
+    return v[:, None] if v.dim() else v
+
+
 def rational(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``P(x) / (1 + |Q'(x)|)``, P = sum_i p[i] x^i, Q' = sum_j q[j-1] x^j (Horner; elementwise)."""
-    P = p[-1] * torch.ones_like(x)
-    for i in range(p.shape[0] - 2, -1, -1):
-        P = P * x + p[i]
-    Q = q[-1] * torch.ones_like(x)
-    for j in range(q.shape[0] - 2, -1, -1):
-        Q = Q * x + q[j]
+    """``P(x) / (1 + |Q'(x)|)``, P = sum_i p[i] x^i, Q' = sum_j q[j-1] x^j (Horner; elementwise).
+    ``p [m+1]``, ``q [n]``, or ``[B, m+1]`` / ``[B, n]`` for ``x [B, d]`` (row b: its own)."""
+    P = _coef(p, -1) * torch.ones_like(x)
+    for i in range(p.shape[-1] - 2, -1, -1):
+        P = P * x + _coef(p, i)
+    Q = _coef(q, -1) * torch.ones_like(x)
+    for j in range(q.shape[-1] - 2, -1, -1):
+        Q = Q * x + _coef(q, j)
     return P / (1 + (Q * x).abs())
+
+
+def _route_rows(pooler: str, activation: str, H: torch.Tensor, mask: torch.Tensor,
+                W: torch.Tensor, Wp=None, query=None, p=None, q=None) -> torch.Tensor:
+    """``pi [B, N]`` (eqs. 2, 6, 3) of ``H [B, L, d]`` (``mask [B, L]``, True = token) with one
+    router's parameters (``W [d, N]``, ``Wp [d, a]``, ``query [a, n_q]``, rational ``p [7]``,
+    ``q [5]``) or one per row (a leading ``B`` on each: a batch of tenants in one pass)."""
+    m = mask.to(torch.bool)
+    if pooler == "last":
+        L = H.shape[1]
+        pos = torch.where(m, torch.arange(L, device=H.device), -1).amax(1).clamp(min=0)
+        v = H[torch.arange(H.shape[0], device=H.device), pos]
+    elif pooler == "mean":
+        mf = m.to(H.dtype)[..., None]
+        v = (H * mf).sum(1) / mf.sum(1).clamp(min=1)
+    elif pooler == "max":
+        v = H.masked_fill(~m[..., None], float("-inf")).amax(1)
+        v = torch.where(m.any(1, keepdim=True), v, torch.zeros_like(v))
+    else:  # appendix D: U = H W_p, A = softmax over the sequence of U q / sqrt(a), p = A^T H
+        U = H @ Wp  # [B, L, a]
+        sc = (U @ query) / math.sqrt(U.shape[-1])  # [B, L, n_q]
+        sc = sc.masked_fill(~m[..., None], float("-inf"))
+        A = torch.nan_to_num(torch.softmax(sc, dim=1), nan=0.0)  # no tokens: pools to 0
+        v = (A.transpose(1, 2) @ H).mean(1)  # [B, d]
+    if activation == "rational":
+        g = rational(v, p, q)
+    elif activation == "gelu":
+        g = F.gelu(v)
+    else:
+        g = F.relu(v)
+    z = (g[:, None, :] @ W)[:, 0]  # [B, N]
+    return torch.softmax(z, dim=-1)
 
 
 def fit_rational_gelu(m: int = 6, n: int = 5, lo: float = -4.0, hi: float = 4.0,
@@ -173,30 +212,23 @@ class LayerRouter(nn.Module):
             self.query = nn.Parameter(torch.randn(attn_dim, n_queries, generator=generator))
         self.act = _activation(activation)
 
-    def pool(self, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``p [B, d]`` (eq. 2 / appendix D) of ``H [B, L, d]`` over the tokens where ``mask``."""
-        m = mask.to(torch.bool)
-        if self.pooler == "last":
-            L = H.shape[1]
-            pos = torch.where(m, torch.arange(L, device=H.device), -1).amax(1).clamp(min=0)
-            return H[torch.arange(H.shape[0], device=H.device), pos]
-        if self.pooler == "mean":
-            mf = m.to(H.dtype)[..., None]
-            return (H * mf).sum(1) / mf.sum(1).clamp(min=1)
-        if self.pooler == "max":
-            out = H.masked_fill(~m[..., None], float("-inf")).amax(1)
-            return torch.where(m.any(1, keepdim=True), out, torch.zeros_like(out))
-        U = H @ self.W_p.to(H.dtype)  # [B, L, a]
-        s = (U @ self.query.to(H.dtype)) / math.sqrt(U.shape[-1])  # [B, L, n_q]
-        s = s.masked_fill(~m[..., None], float("-inf"))
-        A = torch.softmax(s, dim=1)
-        A = torch.nan_to_num(A, nan=0.0)  # a sequence without tokens pools to 0
-        return torch.einsum("blq,bld->bqd", A, H).mean(1)
+    def params(self, dtype) -> dict:
+        """The keyword arguments of ``_route_rows`` for this router, in ``dtype``."""
+        kw = {"W": self.W.to(dtype)}
+        if self.pooler == "attn":
+            kw["Wp"], kw["query"] = self.W_p.to(dtype), self.query.to(dtype)
+        if isinstance(self.act, Rational):
+            kw["p"], kw["q"] = self.act.p.to(dtype), self.act.q.to(dtype)
+        return kw
 
     def forward(self, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        H = H.to(self.W.dtype)
-        z = self.act(self.pool(H, mask)) @ self.W
-        return torch.softmax(z, dim=-1)
+        return _route_rows(self.pooler, _act_name(self.act), H.to(self.W.dtype), mask,
+                           **self.params(self.W.dtype))
+
+
+def _act_name(act: nn.Module) -> str:
+    return ("rational" if isinstance(act, Rational) else "gelu" if isinstance(act, nn.GELU)
+            else "relu")
 
 
 _LAYER_RE = re.compile(r"^(.*?\.(\d+))\.(.+)$")
@@ -491,30 +523,58 @@ class _Serving:
         return None
 
     def _decide(self, lp, H, mask, ids, names, tenants, dkey) -> _LayerDecision:
+        """Every tenant's routing at layer ``lp``; tenants whose routers have the same form
+        (pooler, activation, k, weighting, modules, shapes) are routed in one batched pass with
+        per-row parameters (16 tenants cost about one)."""
         dev = H.device
         B = H.shape[0]
         ids_t = torch.tensor(ids, dtype=torch.int32, device=dev)
-        maps: dict = {}
-        aux = []
         all_mods = [n for n, l in self.module_layer.items() if l == lp]
-        wdt = tenants[0][0].routers[tenants[0][1]].W.dtype
-        base_w = torch.ones(B, dtype=wdt, device=dev)
-        cur = {n: [ids_t, base_w] for n in all_mods}
+        groups: dict = {}
         for em, l in tenants:
-            rows_l = [b for b, i in enumerate(ids) if 0 <= i < len(names) and names[i] == em.adapter]
+            r = em.routers[l]
+            sig = (r.pooler, _act_name(r.act), em.top_k, em.weighting, em.layers[l][1],
+                   r.W.dtype, r.W.device,
+                   tuple((k, tuple(v.shape)) for k, v in r.params(r.W.dtype).items()))
+            groups.setdefault(sig, []).append((em, l))
+        wdt = tenants[0][0].routers[tenants[0][1]].W.dtype
+        cur = {n: [ids_t, torch.ones(B, dtype=wdt, device=dev)] for n in all_mods}
+        aux = []
+        for members in groups.values():
+            rows_l, row_t = [], []
+            for t, (em, _) in enumerate(members):
+                rs = [b for b, i in enumerate(ids) if 0 <= i < len(names) and names[i] == em.adapter]
+                rows_l += rs
+                row_t += [t] * len(rs)
             rows = torch.tensor(rows_l, dtype=torch.long, device=dev)
-            pi, top, pv = em.route(l, H[rows], mask[rows])
-            aux.append((em, pi, top))
-            for j, name in enumerate(em.layers[l][1]):
-                hit = top == j  # [b_t, k]
+            em0, l0 = members[0]
+            r0 = em0.routers[l0]
+            dt = r0.W.dtype
+            if len(members) == 1:
+                kw = r0.params(dt)
+            else:
+                tix = torch.tensor(row_t, dtype=torch.long, device=dev)
+                ps = [em.routers[l].params(dt) for em, l in members]
+                kw = {k: torch.stack([q[k] for q in ps])[tix] for k in ps[0]}
+            pi = _route_rows(r0.pooler, _act_name(r0.act), H[rows].to(dt), mask[rows], **kw)
+            pv, top = torch.topk(pi, em0.top_k, dim=-1)  # ties: torch.topk's order
+            if em0.weighting == "renorm":
+                pv = pv / pv.sum(-1, keepdim=True)
+            if len(members) == 1:
+                aux.append((em0, pi, top))
+            else:
+                for t, (em, _) in enumerate(members):
+                    sel = tix == t
+                    aux.append((em, pi[sel], top[sel]))
+            for j, name in enumerate(em0.layers[l0][1]):
+                hit = top == j  # [b, k]
                 chosen = hit.any(1)
                 wj = (pv * hit.to(pv.dtype)).sum(1)  # its weight where chosen, else 0
                 idx_n, w_n = cur[name]
                 idx_n = idx_n.index_put((rows,), torch.where(chosen, ids_t[rows], -1))
                 w_n = w_n.index_put((rows,), wj.to(w_n.dtype))
                 cur[name] = [idx_n, w_n]
-        for n, (i, w) in cur.items():
-            maps[n] = (i.view(B, 1).contiguous(), w.view(B, 1))
+        maps = {n: (i.view(B, 1).contiguous(), w.view(B, 1)) for n, (i, w) in cur.items()}
         return _LayerDecision(dkey, maps, aux, {})
 
     def route(self, module, x: torch.Tensor, idx: torch.Tensor):
