@@ -137,9 +137,10 @@ class Slots:
         r = A.shape[0]
         with torch.no_grad():
             self.A[slot, :r].copy_(A)
-            self.A[slot, r:].zero_()
             self.B[slot, :, :r].copy_(B)
-            self.B[slot, :, r:].zero_()
+            if r < self.R:  # the padding of a slot that held a larger rank
+                self.A[slot, r:].zero_()
+                self.B[slot, :, r:].zero_()
         self.keys[slot] = key
         self.synced.pop(slot, None)
 
