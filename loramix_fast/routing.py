@@ -332,6 +332,7 @@ class Uniform(_Router):
 
 _SCOPES = ("module", "model")
 _NORMALIZE = ("sum", "max", "none")
+_POOLERS = ("mean", "max", "last")
 # forward kwargs the scoring pass drops: it runs the decoder once on the prompt, without a cache
 # (and any KV cache object, whatever its keyword: ``cache`` in transformers 5)
 _NOT_FOR_SCORING = ("cache", "past_key_values", "past_key_value", "use_cache", "labels",
@@ -352,9 +353,10 @@ class PromptDecision(NamedTuple):
 class _Scoring:
     """Accumulates the pooled scores of the scoring pass (lives in the call's route cache)."""
 
-    def __init__(self, token_w: torch.Tensor, normalize: str, keep_votes: bool):
+    def __init__(self, token_w: torch.Tensor, normalize: str, keep_votes: bool,
+                 pooler: str = "mean"):
         self.token_w = token_w  # [B, L] float32, each row sums to 1 over its pooled tokens
-        self.normalize = normalize
+        self.normalize, self.pooler = normalize, pooler
         self.total = None  # [B, T] float32: sum over modules of each module's pooled scores
         self.n = 0
         self.votes = [] if keep_votes else None  # (module, [B, T]) for the routing report
@@ -371,7 +373,11 @@ class _Scoring:
         elif self.normalize == "max":
             s = s / s.amax(-1, keepdim=True).clamp(min=1e-30)
         w = self.token_w.to(s.device)
-        vote = (s.view(B, L, -1) * w[..., None]).sum(1)  # [B, T]
+        if self.pooler == "max":  # per expert, the largest score over the pooled tokens
+            vote = s.view(B, L, -1).masked_fill((w <= 0)[..., None], float("-inf")).amax(1)
+            vote = torch.where(torch.isfinite(vote), vote, torch.zeros((), device=s.device))
+        else:  # mean: uniform weights; last: one-hot at the last pooled token
+            vote = (s.view(B, L, -1) * w[..., None]).sum(1)  # [B, T]
         if self.total is None:
             self.total = vote.clone()
         else:
@@ -379,6 +385,32 @@ class _Scoring:
         self.n += 1
         if self.votes is not None:
             self.votes.append((module, vote))
+
+
+def _last_one_hot(m: torch.Tensor) -> torch.Tensor:
+    """[B, L] pooled-token mask (> 0 = pooled) -> one-hot at each row's last pooled token (a row
+    with none stays 0)."""
+    L = m.shape[1]
+    pos = torch.arange(L, device=m.device).expand_as(m)
+    last = torch.where(m > 0, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)  # [B, 1]
+    return ((pos == last) & (last >= 0)).to(m.dtype)
+
+
+def _pool_rows(x3: torch.Tensor, m: torch.Tensor, pooler: str) -> torch.Tensor:
+    """Pool x3 [b, t, K] over the tokens with m [b, t] > 0: mean, max per feature, or the last
+    such token; a row with no pooled token gives 0 (mean, last) or its unmasked max."""
+    if pooler == "mean":
+        w = m[..., None]
+        return (x3 * w).sum(1) / w.sum(1).clamp(min=1)
+    if pooler == "last":
+        pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
+        last = torch.where(m > 0, pos, torch.full_like(pos, -1)).amax(1)  # [b]
+        picked = x3[torch.arange(x3.shape[0], device=x3.device), last.clamp(min=0)]
+        return torch.where((last >= 0)[:, None], picked, torch.zeros((), dtype=x3.dtype,
+                                                                    device=x3.device))
+    none = ~(m > 0).any(1, keepdim=True)  # [b, 1]
+    keep = (m > 0) | none
+    return x3.masked_fill(~keep[..., None], float("-inf")).amax(1)
 
 
 class _Decision:
@@ -422,8 +454,9 @@ class PromptCached:
     (a trained multi-label router over prompt experts), only their training-free counterpart.
 
     scope="module" (default): each patched module decides for itself. Its first forward of a
-    generation (the prompt) averages the module's input over each sequence's pooled prompt tokens,
-    lets ``router`` score that mean and pick its top k experts and weights, and caches them.
+    generation (the prompt) pools the module's input over each sequence's pooled prompt tokens
+    (``pooler``: "mean" (default), "max" per feature, or "last" = the last pooled token), lets
+    ``router`` score the pooled vector and pick its top k experts and weights, and caches them.
 
     scope="model": one decision per sequence for the whole model, used at every patched module:
 
@@ -437,9 +470,11 @@ class PromptCached:
     2. *Normalise* each module's scores per token over the experts, so no module dominates:
        ``normalize="sum"`` (default) ``s[l, t] / sum_t' s[l, t']``; ``"max"``
        ``s[l, t] / max_t' s[l, t']``; ``"none"`` the raw scores.
-    3. *Pool*: ``p[t] = (1 / n_mod) sum_m sum_l w[l] s_m[l, t]`` with ``w`` uniform over the
-       pooled tokens: the non-padding tokens (``attention_mask``) of the prompt, intersected with
-       ``prompt_mask`` when one is given; ``m`` runs over every patched module that has adapters.
+    3. *Pool*: ``p[t] = (1 / n_mod) sum_m pool_l s_m[l, t]`` over the pooled tokens (the
+       non-padding tokens, ``attention_mask``, of the prompt, intersected with ``prompt_mask``
+       when one is given); ``m`` runs over every patched module that has adapters.
+       ``pooler="mean"`` (default): ``sum_l w[l] s_m[l, t]`` with ``w`` uniform over the pooled
+       tokens; ``"last"``: ``s_m`` at the last pooled token; ``"max"``: ``max_l s_m[l, t]``.
     4. *Top k* of ``p`` (``router.top_k``, clamped to the library's size like the per-token
        routers; ties to the lowest index) with the router's weighting of the pooled scores: Arrow
        ``softmax(p / temperature)`` over the k; SpectR ``1/k`` (weighting="uniform") or
@@ -458,7 +493,8 @@ class PromptCached:
     module's pooled normalised scores.
     """
 
-    def __init__(self, router, scope: str = "module", normalize: str = "sum"):
+    def __init__(self, router, scope: str = "module", normalize: str = "sum",
+                 pooler: str = "mean"):
         if isinstance(router, PromptCached) or not isinstance(router, (SpectR, Arrow)):
             raise TypeError("PromptCached wraps a SpectR or Arrow router, got "
                             f"{type(router).__name__}")
@@ -468,12 +504,16 @@ class PromptCached:
             raise ValueError(f"scope must be 'module' or 'model', got {scope!r}")
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be 'sum', 'max' or 'none', got {normalize!r}")
-        self.router, self.scope, self.normalize = router, scope, normalize
+        if pooler not in _POOLERS:
+            raise ValueError(f"pooler must be 'mean', 'max' or 'last', got {pooler!r}")
+        self.router, self.scope, self.normalize, self.pooler = router, scope, normalize, pooler
 
     def __repr__(self):
+        pool = "" if self.pooler == "mean" else f", pooler={self.pooler!r}"
         if self.scope == "module":
-            return f"PromptCached({self.router!r})"
-        return f"PromptCached({self.router!r}, scope='model', normalize={self.normalize!r})"
+            return f"PromptCached({self.router!r}{pool})"
+        return (f"PromptCached({self.router!r}, scope='model', normalize={self.normalize!r}"
+                f"{pool})")
 
     reads_prompt_mask = True  # patching: generate(prompt_mask=...) is handed to begin_forward
 
@@ -546,7 +586,9 @@ class PromptCached:
         if shape is None:
             raise ValueError("PromptCached(scope='model') needs input_ids or inputs_embeds [B, L]")
         token_w = self._token_mask(state, kwargs, shape, pmask)
-        acc = _Scoring(token_w, self.normalize, state.record is not None)
+        if self.pooler == "last":
+            token_w = _last_one_hot(token_w)
+        acc = _Scoring(token_w, self.normalize, state.record is not None, self.pooler)
         cache = _ROUTE_CACHE.get()
         skey = ("scoring", id(self), id(state))
         kw = {k: v for k, v in kwargs.items()
@@ -640,10 +682,10 @@ class PromptCached:
             x3 = x.reshape(b, t, x.shape[-1]).to(module.weight.dtype)
             mask = cache.get("__mask__")
             if mask is not None and mask.dim() == 2 and mask.shape[0] == b:
-                m = mask[:, -t:].to(device=x3.device, dtype=x3.dtype)[..., None]
-                mean = (x3 * m).sum(1) / m.sum(1).clamp(min=1)
+                m = mask[:, -t:].to(device=x3.device, dtype=x3.dtype)
             else:
-                mean = x3.mean(1)
+                m = torch.ones(b, t, device=x3.device, dtype=x3.dtype)
+            mean = _pool_rows(x3, m, self.pooler)  # [b, K]
             al = align_stack(stack, variant=self.router.variant)
             H = F.linear(mean, al.A_flat).view(b, al.A_star.shape[0], al.A_star.shape[1])
             idx, w, scores = self.router.select(H, al)

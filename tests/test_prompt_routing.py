@@ -69,7 +69,17 @@ def _module_inputs(model, lib, ids, att):
     return xs
 
 
-def reference_decision(model, lib, router, ids, att, prompt_mask=None, normalize="sum"):
+def _ref_pool(v, m, pooler):
+    """Pool v [B, L, X] over the tokens with m [B, L] > 0 (fp64 loops)."""
+    out = []
+    for b in range(v.shape[0]):
+        real = v[b][m[b] > 0]
+        out.append({"mean": real.mean(0), "max": real.amax(0), "last": real[-1]}[pooler])
+    return torch.stack(out)
+
+
+def reference_decision(model, lib, router, ids, att, prompt_mask=None, normalize="sum",
+                       pooler="mean"):
     """(idx [B, k], w [B, k], pooled [B, T]) straight from the definition, fp64."""
     xs = _module_inputs(model, lib, ids, att)
     B, L = ids.shape
@@ -96,7 +106,7 @@ def reference_decision(model, lib, router, ids, att, prompt_mask=None, normalize
         if normalize != "none":  # a token every expert scores 0 (a zero pad embedding) adds 0
             z = s.sum(-1, keepdim=True) if normalize == "sum" else s.amax(-1, keepdim=True)
             s = torch.where(z > 0, s / z, torch.zeros_like(s))
-        pooled += (s * wtok[..., None]).sum(1)
+        pooled += (s * wtok[..., None]).sum(1) if pooler == "mean" else _ref_pool(s, m, pooler)
         n_mod += 1
     pooled /= n_mod
     k = router.top_k
@@ -128,6 +138,59 @@ def test_decision_matches_reference(setup, router, normalize):
         torch.testing.assert_close(dec.scores.double(), ref_p, rtol=1e-5, atol=1e-7)
         assert torch.equal(dec.idx.long(), ref_idx)
         torch.testing.assert_close(dec.weights.double(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooler", ["max", "last"])
+@pytest.mark.parametrize("router", [lmf.Arrow(top_k=1), lmf.SpectR(top_k=2)], ids=repr)
+def test_model_scope_poolers_match_reference(setup, router, pooler):
+    model, lib = setup
+    pc = lmf.PromptCached(router, scope="model", pooler=pooler)
+    assert f"pooler={pooler!r}" in repr(pc)
+    m = _patched(setup, pc)
+    ids, att = _batch(seed=4)
+    pm = torch.ones_like(ids)
+    pm[:, -2:] = 0  # the last pooled token is not the last token
+    ref_idx, ref_w, ref_p = reference_decision(model, lib, router, ids, att, prompt_mask=pm,
+                                               pooler=pooler)
+    dec = pc.decide(m, ids, attention_mask=att, prompt_mask=pm)
+    torch.testing.assert_close(dec.scores.double(), ref_p, rtol=1e-5, atol=1e-7)
+    assert torch.equal(dec.idx.long(), ref_idx)
+    torch.testing.assert_close(dec.weights.double(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooler", ["mean", "max", "last"])
+def test_module_scope_poolers_match_reference(setup, pooler):
+    """scope="module": each module's expert is Arrow's argmax (fp64, from the dense factors) on
+    its pooled prompt input, that input captured by a hook in the same forward (a module's input
+    carries the deltas of the layers before it)."""
+    model, lib = setup
+    pc = lmf.PromptCached(lmf.Arrow(top_k=1), pooler=pooler)
+    m = _patched(setup, pc)
+    ids, att = _batch(seed=5)
+    xs, hooks = {}, []
+    for name in lib.modules():
+        hooks.append(m.get_submodule(name).register_forward_pre_hook(
+            lambda mod, a, name=name: xs.__setitem__(name, a[0].detach().double())))
+    lmf.record_routing(m)
+    try:
+        with torch.no_grad():
+            m(ids, attention_mask=att)
+    finally:
+        for h in hooks:
+            h.remove()
+    rep = lmf.routing_report(m)
+    for name in lib.modules():
+        x = _ref_pool(xs[name], att, pooler)  # [B, K]
+        s = torch.full((x.shape[0], len(NAMES)), -1.0, dtype=torch.float64)
+        for t, d in enumerate(_dense(lib, name)):
+            if d is not None:
+                s[:, t] = (x @ d[1][0]).abs()
+        top2 = s.topk(2, dim=1).values
+        assert ((top2[:, 0] - top2[:, 1]) > 1e-9).all()  # no near-ties
+        want = torch.bincount(s.argmax(1), minlength=len(NAMES))
+        assert torch.equal(rep.counts[name], want), name
+    with pytest.raises(ValueError, match="pooler"):
+        lmf.PromptCached(lmf.Arrow(top_k=1), pooler="cls")
 
 
 def test_recorded_in_routing_report(setup):
