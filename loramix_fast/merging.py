@@ -232,7 +232,8 @@ def fit_merge_weights(model, batches: Iterable, names: Sequence[str], space: str
     of ``names`` with the current coefficients (delta space: the multi-LoRA op with one slot per
     expert and the coefficients as slot weights; factor space: the shared shrink
     ``h_bar = sum_j c_j A_j x`` fed to every expert's expand), and the coefficients get their
-    gradient from the ops' backward. The model's own parameters are not changed.
+    gradient from the ops' backward. The model's own parameters are not changed and get no
+    gradient (their ``requires_grad`` is switched off while fitting, then restored).
 
     Args:
         model: a model patched with ``lmf.patch``; its library holds ``names``.
@@ -288,6 +289,10 @@ def fit_merge_weights(model, batches: Iterable, names: Sequence[str], space: str
     history = []
     prev = st.router
     st.router = router
+    # the base model's parameters get no gradient while fitting (restored afterwards)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with torch.enable_grad():
             for step in range(steps):
@@ -300,6 +305,8 @@ def fit_merge_weights(model, batches: Iterable, names: Sequence[str], space: str
                 opt.step()
     finally:
         st.router = prev
+        for p in frozen:
+            p.requires_grad_(True)
     coef = coef.detach().cpu()
     out = coef[0].clone() if granularity == "global" else {m: coef[group[m]].clone()
                                                            for m in modules}

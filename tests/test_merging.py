@@ -212,11 +212,13 @@ def test_fit_merge_weights_learns(setup, space):
     labels = seqs.clone()
     labels[:, :3] = -100
     batch = {"input_ids": seqs, "labels": labels}
+    model.zero_grad(set_to_none=True)
     w, hist = lmf.fit_merge_weights(model, [batch], ["a", "b"], space=space, steps=20, lr=0.2,
                                     return_history=True)
     assert len(hist) == 20 and hist[-1] < hist[0] - 0.05, (hist[0], hist[-1])
     assert float(w[0]) > 0.6 and float(w[0]) > float(w[1]), w
     assert model._loramix_state.router is None  # restored
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # untouched
     wl = lmf.fit_merge_weights(model, [batch], ["a", "b"], space=space, granularity="layer",
                                steps=2)
     assert isinstance(wl, dict) and set(wl) == {m for n in "ab" for m in lib.factors(n)}
