@@ -15,16 +15,20 @@
 //
 // Plan: the (row, slot) pairs with an adapter of rank > 0 are counting-sorted by adapter once
 // (host, O(M*S + E)) and cut into chunks of 64..1024 pairs of one adapter (a row's pairs never
-// straddle two chunks). ONE parallel region runs the chunks: each gathers its rows of x / dy into
-// a contiguous block (converted to the accumulation type) and runs the chunk's GEMMs (at::mm,
-// single-threaded inside the region) against A_e / B_e read in place, sliced to the rank: never
-// a per-row copy of A or B, nothing of size M x N x R. Per-adapter sums (dA, dB) of an adapter
-// cut into several chunks go to per-chunk partials, added afterwards. Row outputs (y's delta,
-// dx's delta): S = 1 -> each row has one pair, written straight from its chunk; S > 1 -> into a
-// [P, N] (or [P, K]) buffer, scatter-added in a second region over column ranges. Few regions
-// matter: on a loaded machine every fork/join can cost a scheduler time slice.
-// Rounding follows peft's order (scale_e multiplies the expand's output in the forward and dy in
-// the backward), so training matches peft as closely as fp32 allows.
+// straddle two chunks). ONE parallel region runs the chunks: each takes its rows of x / dy as a
+// block - a view when the rows are one consecutive run and already in the accumulation type (a
+// batch whose sequences each train one adapter: fp32 needs no copy at all), else gathered and
+// converted - and runs the chunk's GEMMs (at::mm / addmm_, single-threaded inside the region)
+// against A_e / B_e read in place, sliced to the rank: never a per-row copy of A or B, nothing of
+// size M x N x R. Per-adapter sums (dA, dB) of an adapter cut into several chunks go to per-chunk
+// partials, added afterwards. Row outputs (y's delta, dx's delta): S = 1 -> each row has one
+// pair, added straight into y / dx from its chunk (addmm_ on the run's rows; bf16 / fp16 rows
+// rounded once); S > 1 -> into a [P, N] (or [P, K]) buffer, scatter-added in a second region over
+// column ranges. Few regions matter: on a loaded machine every fork/join can cost a scheduler
+// time slice (hence serial memsets instead of at::zeros, whose fill forks past 32 K elements).
+// Rounding follows peft's order where it is free (scale_e multiplies the expand's output in the
+// forward; in the backward it multiplies the rank-r products B_e^T dy and dy^T h instead of dy,
+// one rounding of difference), so training matches peft as closely as fp32 allows.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -237,6 +241,56 @@ void scatter_pairs(O* dst, int64_t ldd, const std::vector<int64_t>& row, const a
   });
 }
 
+// dst[rows[i], :] += c[i] * src[i, :] into a tensor of another dtype T (bf16 / fp16 y or dx):
+// one rounding per element, as a round trip through an O copy would give (serial)
+template <typename T, typename O>
+void add_rows_typed(T* dst, int64_t ldd, const int64_t* rows, const at::Tensor& src, const O* c) {
+  const int64_t n = src.size(0), K = src.size(1);
+  const O* s = src.data_ptr<O>();
+  for (int64_t i = 0; i < n; ++i) {
+    T* d = dst + rows[i] * ldd;
+    const O* si = s + i * K;
+    const O ci = c ? c[i] : O(1);
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) d[k] = static_cast<T>(static_cast<O>(d[k]) + ci * si[k]);
+  }
+}
+
+// dst (rows of y / dx, any float dtype) += c * src, serial
+template <typename O>
+void add_rows_any(at::Tensor& dst, const int64_t* rows, const at::Tensor& src, const O* c) {
+  if (dst.scalar_type() == acc_scalar_type<O>()) {
+    add_rows<O>(dst.data_ptr<O>(), dst.stride(0), rows, src, c);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "lmf_add_rows", [&] {
+    add_rows_typed<scalar_t, O>(dst.data_ptr<scalar_t>(), dst.stride(0), rows, src, c);
+  });
+}
+
+// A zero tensor filled by one serial memset: at::zeros forks a parallel fill for more than
+// 32 K elements, and on a loaded machine every fork/join can cost a scheduler time slice.
+at::Tensor zeros_serial(at::IntArrayRef sizes, const at::TensorOptions& o) {
+  at::Tensor t = at::empty(sizes, o);
+  if (t.numel()) std::memset(t.data_ptr(), 0, t.numel() * t.element_size());
+  return t;
+}
+
+// The chunk's rows are one run m0, m0 + 1, ... (a group's rows never descend, so a span of n - 1
+// means n distinct consecutive rows): its blocks of x / dy / y / dx are views, not gathers.
+inline bool consecutive(const int64_t* rows, int64_t n) {
+  return n > 0 && rows[n - 1] - rows[0] == n - 1;
+}
+
+// rows' block of t [M, C] in type ot: a view when the rows are one run and t has type ot, else a
+// gathered (converted) copy
+template <typename O>
+at::Tensor rows_block(const at::Tensor& t, const int64_t* rows, int64_t n, bool run,
+                      at::ScalarType ot) {
+  if (run && t.scalar_type() == ot) return t.narrow(0, rows[0], n);
+  return gather<O>(t, rows, n, ot);
+}
+
 // t[i, :] * c[i] as a new tensor (t itself when c is null)
 template <typename O>
 at::Tensor scale_rows(const at::Tensor& t, const O* c) {
@@ -310,41 +364,55 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(
 
   at::Tensor y = has_bias ? at::addmm(*bias, x_, weight.t()) : at::mm(x_, weight.t());
   if (!y.is_contiguous()) y = y.contiguous();
-  at::Tensor h = at::zeros({M, S, R}, x_.options().dtype(ot));
+  at::Tensor h = zeros_serial({M, S, R}, x_.options().dtype(ot));
   if (M == 0 || N == 0 || E == 0 || R == 0 || S == 0) return {y, h};
   const at::Tensor x = unit_last(x_), A = unit_last(A_), B = unit_last(B_);
-  at::Tensor out = y.scalar_type() == ot ? y : y.to(ot);
+  // S = 1: each row has one pair, its delta goes straight into y (one rounding for bf16 / fp16).
+  // S > 1: deltas meet in a [P, N] buffer and are scatter-added into an O copy of y.
+  at::Tensor out = (S == 1 || y.scalar_type() == ot) ? y : y.to(ot);
   auto run = [&](auto o_tag) {
     using O = decltype(o_tag);
     const Groups<O> G = group_pairs<O>(mt.idx, mt.w, mt.scale, mt.rank, E);
     if (G.P == 0) return;
     const std::vector<Chunk> ch = make_chunks(G);
     const Factors f = factors_of(G, &A, B, ot);
-    // S > 1: a row may have pairs in several chunks; their deltas meet in a buffer first
-    at::Tensor dbuf = S == 1 ? at::Tensor() : at::empty({G.P, N}, out.options());
+    at::Tensor dbuf = S == 1 ? at::Tensor() : at::empty({G.P, N}, out.options().dtype(ot));
     O* hp = h.data_ptr<O>();
-    O* op_ = out.data_ptr<O>();
     const int64_t nch = static_cast<int64_t>(ch.size());
     at::parallel_for(0, nch, chunk_grain(nch, G.P * R * (K + N)), [&](int64_t c0, int64_t c1) {
       c10::InferenceMode guard;
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& k = ch[c];
-        const int64_t r = G.rank[k.g];
+        const int64_t r = G.rank[k.g], n = k.n;
         const int64_t* rows = G.row.data() + k.p0;
-        const at::Tensor hg = at::mm(gather<O>(x, rows, k.n, ot), f.a[k.g].t());  // [n, r]
-        const O* hgp = hg.data_ptr<O>();
-        for (int64_t i = 0; i < k.n; ++i)
-          for (int64_t j = 0; j < r; ++j) hp[G.flat[k.p0 + i] * R + j] = hgp[i * r + j];
+        const bool run1 = consecutive(rows, n);
+        const O* wt = G.wt.empty() ? nullptr : G.wt.data() + k.p0;
+        const at::Tensor xg = rows_block<O>(x, rows, n, run1, ot);  // [n, K]
+        at::Tensor hg;                                                // [n, r] = x A_e^T
+        if (S == 1 && run1 && r == R) {  // h's rows of the run, contiguous
+          hg = h.view({M, R}).narrow(0, rows[0], n);
+          at::mm_out(hg, xg, f.a[k.g].t());
+        } else {
+          hg = at::mm(xg, f.a[k.g].t());
+          const O* hgp = hg.data_ptr<O>();
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j) hp[G.flat[k.p0 + i] * R + j] = hgp[i * r + j];
+        }
         // the delta as peft rounds it: (h B_e^T) * c, the coefficient after the expand
         if (S == 1) {
-          add_rows<O>(op_, N, rows, at::mm(hg, f.b[k.g].t()), G.coef.data() + k.p0);
+          if (run1 && out.scalar_type() == ot && !wt) {
+            at::Tensor yv = out.narrow(0, rows[0], n);
+            yv.addmm_(hg, f.b[k.g].t(), 1, G.coef[k.p0]);  // y += scale_e (h B_e^T)
+          } else {
+            add_rows_any<O>(out, rows, at::mm(hg, f.b[k.g].t()), G.coef.data() + k.p0);
+          }
         } else {
-          at::Tensor d = dbuf.narrow(0, k.p0, k.n);
+          at::Tensor d = dbuf.narrow(0, k.p0, n);
           at::mm_out(d, hg, f.b[k.g].t());
         }
       }
     });
-    if (S > 1) scatter_pairs<O>(op_, N, G.row, dbuf, G.coef.data());
+    if (S > 1) scatter_pairs<O>(out.data_ptr<O>(), N, G.row, dbuf, G.coef.data());
   };
   if (ot == at::kDouble) run(double{}); else run(float{});
   if (!out.is_same(y)) y.copy_(out);
@@ -377,16 +445,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd
   const at::Tensor dy = unit_last(dy_.scalar_type() == dt ? dy_ : dy_.to(dt));
   at::Tensor dx = need_x ? at::mm(dy, weight) : at::empty({0}, x_.options());
   if (need_x && !dx.is_contiguous()) dx = dx.contiguous();
-  at::Tensor dA = need_A ? at::zeros({E, R, K}, oo) : at::empty({0}, oo);
-  at::Tensor dB = need_B ? at::zeros({E, N, R}, oo) : at::empty({0}, oo);
-  at::Tensor dw = need_w ? at::zeros({M, S}, oo) : at::empty({0}, oo);
+  at::Tensor dA = need_A ? zeros_serial({E, R, K}, oo) : at::empty({0}, oo);
+  at::Tensor dB = need_B ? zeros_serial({E, N, R}, oo) : at::empty({0}, oo);
+  at::Tensor dw = need_w ? zeros_serial({M, S}, oo) : at::empty({0}, oo);
   if (M == 0 || E == 0 || R == 0 || S == 0 || !(need_x || need_A || need_B || need_w))
     return {dx, dA, dB, dw};
   // x is read only for dA or to recompute h (else it may be a stride-0 placeholder)
   const bool use_x = need_A || (!has_h && (need_B || need_w));
   const at::Tensor x = use_x ? unit_last(x_) : x_;
   const at::Tensor A = unit_last(A_), B = unit_last(B_);
-  at::Tensor dxo = need_x ? (dx.scalar_type() == ot ? dx : dx.to(ot)) : dx;
+  // S = 1: dx's deltas go straight into dx (one rounding for bf16 / fp16); S > 1: a [P, K]
+  // buffer, scatter-added into an O copy of dx
+  at::Tensor dxo = (need_x && S > 1 && dx.scalar_type() != ot) ? dx.to(ot) : dx;
   const at::Tensor h = has_h ? h_->to(ot).contiguous() : at::Tensor();
   auto run = [&](auto o_tag) {
     using O = decltype(o_tag);
@@ -405,13 +475,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd
         const int64_t e = G.adapter[k.g], r = G.rank[k.g], n = k.n;
         const int64_t* rows = G.row.data() + k.p0;
         const int64_t* flat = G.flat.data() + k.p0;
+        const bool run1 = consecutive(rows, n);
         const O* wt = G.wt.empty() ? nullptr : G.wt.data() + k.p0;
-        // peft's rounding order: scale_e multiplies dy, the slot weights the rank-r factors
-        const at::Tensor dyg = gather<O>(dy, rows, n, ot, sc[e]);  // [n, N] scale_e dy
-        const at::Tensor xg = use_x ? gather<O>(x, rows, n, ot) : at::Tensor();
+        const O se = sc[e];
+        // peft's rounding order: scale_e multiplies dy (here: the rank-r products, exact up to
+        // one rounding), the slot weights the rank-r factors
+        const at::Tensor dyg = rows_block<O>(dy, rows, n, run1, ot);  // [n, N] dy
+        const at::Tensor xg = use_x ? rows_block<O>(x, rows, n, run1, ot) : at::Tensor();
         at::Tensor hg;  // [n, r]: A_e x of the pairs
         if (need_B || need_w) {
-          if (has_h) {
+          if (has_h && S == 1 && run1 && r == R) {
+            hg = h.view({M, R}).narrow(0, rows[0], n);
+          } else if (has_h) {
             hg = at::empty({n, r}, oo);
             const O* hp = h.data_ptr<O>();
             O* d = hg.data_ptr<O>();
@@ -422,12 +497,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd
           }
         }
         if (need_x || need_A || need_w) {
-          const at::Tensor gs = at::mm(dyg, f.b[k.g]);  // [n, r]: scale_e (B_e^T dy)^T
+          at::Tensor gs = at::mm(dyg, f.b[k.g]);  // [n, r]: scale_e (B_e^T dy)^T
+          gs.mul_(se);
           if (need_w) row_dots<O>(gs, hg, flat, dw.data_ptr<O>());
           const at::Tensor gc = scale_rows<O>(gs, wt);  // c (B_e^T dy)
           if (need_x) {
-            if (S == 1) {
-              add_rows<O>(dxo.data_ptr<O>(), K, rows, at::mm(gc, f.a[k.g]), nullptr);
+            if (S == 1 && run1 && dxo.scalar_type() == ot) {
+              dxo.narrow(0, rows[0], n).addmm_(gc, f.a[k.g]);
+            } else if (S == 1) {
+              add_rows_any<O>(dxo, rows, at::mm(gc, f.a[k.g]), nullptr);
             } else {
               at::Tensor d = xbuf.narrow(0, k.p0, n);
               at::mm_out(d, gc, f.a[k.g]);
@@ -442,12 +520,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd
             }
           }
         }
-        if (need_B) {
+        if (need_B) {  // scale_e dy^T (w h)
           const at::Tensor hw = scale_rows<O>(hg, wt);
           if (k.solo) {
-            dB.select(0, e).narrow(1, 0, r).addmm_(dyg.t(), hw);
+            at::Tensor dBe = dB.select(0, e).narrow(1, 0, r);
+            dBe.addmm_(dyg.t(), hw, 1, se);
           } else {
             partB[c] = at::mm(dyg.t(), hw);
+            partB[c].mul_(se);
           }
         }
       }
@@ -480,9 +560,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_expand_bwd_cpu(
   const Meta mt = prepare(op, scale, rank, idx, w, M, E, R, ot);
   need_w = need_w && mt.w.defined();
   const at::TensorOptions oo = dout_.options().dtype(ot);
-  at::Tensor dh = need_h ? at::zeros({M, E, R}, oo) : at::empty({0}, oo);
-  at::Tensor dB = need_B ? at::zeros({E, N, R}, oo) : at::empty({0}, oo);
-  at::Tensor dw = need_w ? at::zeros({M, S}, oo) : at::empty({0}, oo);
+  at::Tensor dh = need_h ? zeros_serial({M, E, R}, oo) : at::empty({0}, oo);
+  at::Tensor dB = need_B ? zeros_serial({E, N, R}, oo) : at::empty({0}, oo);
+  at::Tensor dw = need_w ? zeros_serial({M, S}, oo) : at::empty({0}, oo);
   if (M == 0 || E == 0 || R == 0 || S == 0 || !(need_h || need_B || need_w)) return {dh, dB, dw};
   const at::Tensor dout = unit_last(dout_), B = unit_last(B_);
   auto run = [&](auto o_tag) {

@@ -39,19 +39,25 @@ def backend(request, monkeypatch):
 
 # ---- inputs ------------------------------------------------------------------------------------
 def _strided(shape, layout, g, dtype):
-    """A tensor of ``shape`` laid out contiguous, transposed (2-D / last two dims) or with every
-    other element of a wider buffer along the last dim."""
+    """A tensor of ``shape`` laid out contiguous, transposed (2-D / last two dims), with every
+    other element of a wider buffer along the last dim ("strided") or as a column slice of a
+    wider buffer ("wide": unit last stride, a larger row stride)."""
     if layout == "transposed":
         t = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g, dtype=F64).transpose(-1, -2)
     elif layout == "strided":
         t = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=F64)[..., ::2]
+    elif layout == "wide":  # unit last stride, rows further apart (a column slice of a buffer)
+        t = torch.randn(*shape[:-1], shape[-1] + 3, generator=g, dtype=F64)[..., 3:]
     else:
         t = torch.randn(*shape, generator=g, dtype=F64)
     return t.to(dtype)
 
 
 def lora_case(M, K, N, E, R, S=1, ranks=None, none_frac=0.2, weights=False, bias=True,
-              layout="contiguous", dup=False, dtype=F64, seed=0, pop=None):
+              layout="contiguous", dup=False, dtype=F64, seed=0, pop=None, blocks=False):
+    """Inputs of operation 1 in fp64 (or ``dtype``). ``blocks``: slot 0's ids sorted over the
+    rows, so each adapter's rows are one consecutive run (a batch whose sequences each train one
+    adapter: the C++ kernels' view path, no gathers)."""
     g = torch.Generator().manual_seed(seed)
     x = _strided((M, K), layout, g, dtype)
     W = _strided((N, K), "transposed" if layout != "contiguous" else "contiguous", g, dtype)
@@ -69,6 +75,8 @@ def lora_case(M, K, N, E, R, S=1, ranks=None, none_frac=0.2, weights=False, bias
         idx.fill_(-1)
     if dup and S > 1:
         idx[::2, 1] = idx[::2, 0]  # the same adapter in two slots of one row
+    if blocks:
+        idx[:, 0] = idx[:, 0].sort().values
     w = (torch.rand(M, S, generator=g, dtype=F64) + 0.25).to(dtype) if weights else None
     b = torch.randn(N, generator=g, dtype=F64).to(dtype) if bias else None
     return dict(x=x, weight=W, A=A, B=B, scale=scale, rank=rank, idx=idx, w=w, bias=b)
@@ -103,6 +111,12 @@ LINEAR_CASES = {
                            none_frac=0.0),
     "transposed_inputs": dict(M=5, K=6, N=4, E=3, R=2, S=2, weights=True, layout="transposed"),
     "strided_inputs": dict(M=5, K=4, N=6, E=2, R=3, weights=True, layout="strided"),
+    "S1_row_blocks": dict(M=9, K=5, N=4, E=3, R=3, ranks=[3, 1, 3], blocks=True),
+    "S1_row_blocks_w_strided": dict(M=8, K=4, N=5, E=2, R=2, weights=True, blocks=True,
+                                    layout="strided"),
+    "S2_row_blocks_w": dict(M=7, K=4, N=3, E=3, R=2, S=2, weights=True, blocks=True),
+    "S1_row_blocks_wide_rows": dict(M=8, K=5, N=4, E=2, R=3, ranks=[3, 2], blocks=True,
+                                    layout="wide"),
     "all_none": dict(M=4, K=3, N=3, E=2, R=2, none_frac=1.0),
     "E0": dict(M=3, K=3, N=2, E=0, R=2),
     "M0": dict(M=0, K=4, N=3, E=2, R=2, S=2, weights=True),
@@ -197,6 +211,8 @@ PREC_CASES = {
     "prefill_zipf_S2_w": dict(M=1400, K=48, N=40, E=3, R=8, S=2, ranks=[8, 5, 3], weights=True,
                               pop=[0.85, 0.1, 0.05], none_frac=0.1),
     "decode_S1": dict(M=12, K=64, N=80, E=6, R=16, ranks=[16, 8, 1, 16, 0, 4]),
+    "prefill_row_blocks_S1": dict(M=1400, K=48, N=40, E=3, R=8, ranks=[8, 5, 8], blocks=True,
+                                  none_frac=0.1),
     "rank_gt16_strided": dict(M=40, K=33, N=50, E=3, R=40, ranks=[40, 17, 33], S=3, weights=True,
                               layout="transposed"),
 }
@@ -214,16 +230,17 @@ def test_linear_grads_within_2x_of_plain_torch(backend, name, dtype):
     _check_rule(got, plain, oracle, (name, dtype))
 
 
-@pytest.mark.parametrize("S", [1, 2])
-def test_cpp_kernels_with_threads_match_the_torch_formulation(S):
+@pytest.mark.parametrize("S,blocks", [(1, False), (2, False), (1, True)])
+def test_cpp_kernels_with_threads_match_the_torch_formulation(S, blocks):
     """The C++ kernels' parallel paths (several chunks per adapter, per-chunk partial sums, the
-    S > 1 scatter buffers) on two threads give the torch formulation's gradients."""
+    S > 1 scatter buffers, row runs read and written in place) on two threads give the torch
+    formulation's gradients."""
     if not _cpp.load():
         pytest.skip(f"C++ extension unavailable: {_cpp.load_error()}")
     from loramix_fast.ops import backward as bw
 
     c = lora_case(M=1600, K=40, N=36, E=3, R=8, S=S, ranks=[8, 5, 3], weights=S > 1,
-                  pop=[0.8, 0.15, 0.05], none_frac=0.05, dtype=torch.float32)
+                  pop=[0.8, 0.15, 0.05], none_frac=0.05, dtype=torch.float32, blocks=blocks)
     args = [c[n] for n in ("x", "weight", "A", "B", "scale", "rank", "idx", "w", "bias")]
     dy = torch.randn(1600, 36, generator=torch.Generator().manual_seed(4))
     n = torch.get_num_threads()
@@ -250,17 +267,18 @@ def test_cpp_kernels_with_threads_match_the_torch_formulation(S):
 
 # ---- multi_lora_expand ----------------------------------------------------------------------------
 def expand_case(M, N, E, R, S=2, ranks=None, weights=True, none_frac=0.2, dtype=F64, seed=0,
-                wide_h=True):
+                wide_h=True, transposed_B=False):
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(M, N, generator=g, dtype=F64).to(dtype)
     if wide_h:  # a column slice of a wider GEMM output, as the routers pass it
         h = torch.randn(M, 3 + E * R, generator=g, dtype=F64)[:, 3:].unflatten(1, (E, R)).to(dtype)
     else:
         h = torch.randn(M, E, R, generator=g, dtype=F64).to(dtype)
-    B = torch.randn(E, N, R, generator=g, dtype=F64).to(dtype)
+    B = (torch.randn(E, R, N, generator=g, dtype=F64).transpose(1, 2) if transposed_B
+         else torch.randn(E, N, R, generator=g, dtype=F64)).to(dtype)
     scale = torch.rand(E, generator=g, dtype=F64).to(dtype) + 0.5
     rank = torch.tensor(ranks if ranks is not None else [R] * E, dtype=torch.int32)
-    idx = torch.randint(0, E, (M, S), generator=g, dtype=torch.int32)
+    idx = torch.randint(0, max(E, 1), (M, S), generator=g, dtype=torch.int32)
     idx[torch.rand(M, S, generator=g) < none_frac] = -1
     w = (torch.rand(M, S, generator=g, dtype=F64) + 0.25).to(dtype) if weights else None
     return y, h, B, scale, rank, idx, w
@@ -271,7 +289,15 @@ EXPAND_CASES = {
     "S1_no_w": dict(M=5, N=4, E=2, R=3, S=1, weights=False),
     "S3_all": dict(M=4, N=3, E=3, R=2, S=3, none_frac=0.0),
     "M0": dict(M=0, N=3, E=2, R=2),
+    "S2_transposed_B": dict(M=5, N=4, E=2, R=3, ranks=[1, 3], transposed_B=True),
 }
+for _s in range(2):  # random shapes
+    _g = torch.Generator().manual_seed(200 + _s)
+    _r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=_g))  # noqa: E731
+    _E, _R = _r(1, 4), _r(1, 4)
+    EXPAND_CASES[f"random_{_s}"] = dict(M=_r(1, 7), N=_r(1, 6), E=_E, R=_R, S=_r(1, 3),
+                                        ranks=[_r(0, _R) for _ in range(_E)],
+                                        weights=bool(_s % 2), wide_h=not _s % 2, seed=_s)
 
 
 @pytest.mark.parametrize("name", list(EXPAND_CASES))
@@ -327,6 +353,18 @@ def test_gradcheck_mix_logits(backend, mode, layout):
     f = lambda z, w: ops.mix_logits(z, w, mode)  # noqa: E731
     assert f(z, w).dtype == F64 and f(z, w).grad_fn is not None
     assert torch.autograd.gradcheck(f, (z, w), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_gradcheck_mix_logits_random_shapes(backend, mode, seed):
+    g = torch.Generator().manual_seed(300 + seed)
+    Bn, E, V = (int(torch.randint(1, 6, (1,), generator=g)) for _ in range(3))
+    z, w = _mix_inputs(Bn, E, V, seed=seed, layout=("strided", "flat")[seed])
+    z.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z, w: ops.mix_logits(z, w, mode), (z, w), atol=1e-7,
+                                    rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["logits", "probs"])
@@ -403,6 +441,23 @@ def test_gradcheck_spectr_topk(backend, name):
         gw = torch.autograd.grad(w.sum(1).square().sum() + (w * torch.arange(w.shape[1])).sum(),
                                  h, allow_unused=True)[0]
         assert gw is not None and gw.abs().sum() > 0  # the weights carry a gradient to h
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradcheck_spectr_topk_random_shapes(backend, seed):
+    g = torch.Generator().manual_seed(400 + seed)
+    M, T, R = (int(torch.randint(lo, 7, (1,), generator=g)) for lo in (1, 2, 1))
+    k = int(torch.randint(1, T + 1, (1,), generator=g))
+    h, _, scale = _spectr_inputs(M=M, T=T, R=R, seed=seed, strided=bool(seed))
+    rank = torch.randint(0, R + 1, (T,), generator=g, dtype=torch.int32)
+    h = h.detach().requires_grad_(True)
+    weighting = ("softmax", "uniform")[seed]
+
+    def f(h):
+        idx, w, s = ops.spectr_topk(h, k, rank=rank, weighting=weighting, temperature=0.9)
+        return w, s
+
+    assert torch.autograd.gradcheck(f, (h,), atol=1e-7, rtol=1e-6)
 
 
 def test_gradcheck_spectr_topk_empty(backend):
