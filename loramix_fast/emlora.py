@@ -457,6 +457,9 @@ class _Serving:
         att = kwargs.get("attention_mask")
         past = any(hasattr(v, "get_seq_length") and v.get_seq_length() > 0
                    for v in kwargs.values())
+        rm = cache.get((id(self), "route_mask"))  # lmf.emlora.loss(route_mask=...)
+        if rm is not None:
+            att = rm if not isinstance(att, torch.Tensor) else (rm != 0) & (att != 0)
         cache[(id(self), "forward")] = (att if isinstance(att, torch.Tensor) else None, past)
         return None
 
@@ -675,16 +678,26 @@ class EMLoRALoss:
 
 
 def loss(model, input_ids, labels, adapter_names, attention_mask=None, balance: float = 1e-2,
-         **kwargs) -> EMLoRALoss:
+         route_mask=None, **kwargs) -> EMLoRALoss:
     """One training forward: the LM loss of ``model(input_ids, labels=labels, adapter_names=...)``
     and the load-balancing loss of the EM-LoRA routers that routed its rows (coefficient
-    ``balance``, the paper's lambda, 1e-2 default)."""
+    ``balance``, the paper's lambda, 1e-2 default).
+
+    ``route_mask [B, L]``: the tokens the routers pool (with the attention mask). Training on
+    prompt + answer, give the prompt's tokens: at generation the routers see the prompt only."""
     from .patching import _route_cache_scope
 
     sv = _serving(model)
     if sv is None:
         raise ValueError("no EM-LoRA is attached to this model (lmf.emlora.attach(model, em))")
+    if route_mask is not None and (not isinstance(route_mask, torch.Tensor)
+                                   or route_mask.shape != input_ids.shape):
+        raise ValueError("route_mask must be a tensor shaped like input_ids "
+                         f"{tuple(input_ids.shape)}, got "
+                         f"{getattr(route_mask, 'shape', type(route_mask).__name__)}")
     with _route_cache_scope():
+        if route_mask is not None:
+            _ROUTE_CACHE.get()[(id(sv), "route_mask")] = route_mask
         out = model(input_ids, attention_mask=attention_mask, labels=labels,
                     adapter_names=adapter_names, **kwargs)
         terms = [balance_loss(pi, top) for dec in sv.decisions() for _, pi, top in dec.aux]
@@ -698,7 +711,8 @@ def fit(model, ems, batches, *, heldout=None, steps: int | None = None, lr: floa
         train_lora: bool = True, log=None) -> list[dict]:
     """Train the LoRAs of the EM-LoRAs' adapters, their routers and their activations together.
 
-    ``batches``: an iterable of dicts ``input_ids, labels, adapter_names[, attention_mask]``
+    ``batches``: an iterable of dicts ``input_ids, labels, adapter_names[, attention_mask,
+    route_mask]`` (see :func:`loss`)
     (cycled for ``steps`` steps; default one pass). ``heldout``: a second iterable of such
     batches: then the rational activations' coefficients are not stepped on the training batches
     but on the held-out ones, alternating with the other parameters each step (eq. 7's bi-level
@@ -731,7 +745,7 @@ def fit(model, ems, batches, *, heldout=None, steps: int | None = None, lr: floa
         for step in range(n):
             b = batches[step % len(batches)]
             out = loss(model, b["input_ids"], b["labels"], b["adapter_names"],
-                       b.get("attention_mask"), balance)
+                       b.get("attention_mask"), balance, b.get("route_mask"))
             opt.zero_grad(set_to_none=True)
             if opt_act is not None:
                 opt_act.zero_grad(set_to_none=True)
@@ -743,7 +757,7 @@ def fit(model, ems, batches, *, heldout=None, steps: int | None = None, lr: floa
                 hb = next(held)
                 opt.zero_grad(set_to_none=True)
                 ho = loss(model, hb["input_ids"], hb["labels"], hb["adapter_names"],
-                          hb.get("attention_mask"), balance)
+                          hb.get("attention_mask"), balance, hb.get("route_mask"))
                 ho.loss.backward()
                 opt_act.step()
                 opt.zero_grad(set_to_none=True)

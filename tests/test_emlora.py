@@ -439,3 +439,41 @@ def test_errors_name_the_argument(base):
         E.EMLoRA.create(model, "nope")
     with pytest.raises(TypeError):
         E.attach(model, "t1")
+
+
+def test_route_mask_routes_on_the_prompt_only(base):
+    """Training on prompt + answer with ``route_mask`` = the prompt: the routers see exactly what
+    they see at generation (the prompt's hidden states; causal, so the answer cannot change them)."""
+    lib = _lib(base, names=("t1",))
+    model = lmf.patch(copy.deepcopy(base), lib)
+    em = _em(model, "t1", seed=9, top_k=2, pooler="mean")
+    E.attach(model, em)
+    ids, att = _batch(B=3, L=9, seed=13)
+    P = 6
+    rm = torch.zeros_like(att)
+    rm[:, :P] = 1
+    got = {}
+
+    def keep(*a, **kw):
+        pi = real(*a, **kw)
+        got.setdefault("pi", []).append(pi.detach())
+        return pi
+
+    real = E._route_rows
+    E._route_rows = keep
+    try:
+        E.loss(model, ids, ids, ["t1"] * 3, att, route_mask=rm)
+        train_pi = got.pop("pi")
+        with torch.no_grad():
+            model(ids[:, :P], attention_mask=att[:, :P], adapter_names=["t1"] * 3)
+        prompt_pi = got.pop("pi")
+        with torch.no_grad():
+            model(ids, attention_mask=att, adapter_names=["t1"] * 3)
+        full_pi = got.pop("pi")
+    finally:
+        E._route_rows = real
+    for a, b in zip(train_pi, prompt_pi):
+        assert (a - b).abs().max() < 1e-12
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(train_pi, full_pi))
+    with pytest.raises(ValueError, match="route_mask"):
+        E.loss(model, ids, ids, ["t1"] * 3, att, route_mask=rm[:, :P])
