@@ -152,6 +152,48 @@ def test_any_add_remove_sequence_equals_a_fresh_library_and_peft(base, dirs):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("max_resident", [None, 8], ids=["pool", "max_resident"])
+def test_remove_leaves_every_other_adapter_bit_identical(base, max_resident):
+    """One sequence per adapter (ranks 1-8, various targets); adapters are removed one by one in
+    random order (and new ones added into the freed ids): after each change every remaining
+    adapter's sequence gives bit-identical logits, the removed ones' sequences the base model's."""
+    mods = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+            and n.startswith("model.")]
+    rng = random.Random(5)
+    lib = lmf.AdapterLibrary(max_resident=max_resident)
+    names = [f"r{i}" for i in range(8)]
+    for i, n in enumerate(names):
+        targets = rng.sample(mods, 4)
+        shapes = {m: (base.get_submodule(m).in_features, base.get_submodule(m).out_features)
+                  for m in targets}
+        g = torch.Generator().manual_seed(50 + i)
+        r = 1 + i
+        lib.add(n, {m: lmf.LoRAFactors(torch.randn(r, K, generator=g) * 0.3,
+                                       torch.randn(N, r, generator=g) * 0.3, 2.0 / r)
+                    for m, (K, N) in shapes.items()})
+    model = lmf.patch(copy.deepcopy(base), lib)
+    plain = copy.deepcopy(base)
+    ids = _ids(len(names), 5, seed=3)
+    sel = list(names)
+    want = model(ids, adapter_names=sel).logits
+    base_out = plain(ids).logits
+    order = names[:]
+    rng.shuffle(order)
+    for k, victim in enumerate(order[:-1]):
+        lib.remove(victim)
+        sel[names.index(victim)] = "__base__"
+        if k == 2:  # a new adapter takes a freed id; nobody selects it
+            lib.add("new", _factors(77, r=8))
+            assert lib.id_of("new") < len(names)
+        got = model(ids, adapter_names=sel).logits
+        for j, n in enumerate(sel):
+            if n == "__base__":
+                assert torch.allclose(got[j], base_out[j], rtol=1e-5, atol=1e-5), (victim, j)
+            else:
+                assert torch.equal(got[j], want[j]), (victim, n)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("router", [lmf.SpectR(top_k=2), lmf.Arrow(top_k=2), lmf.Uniform(),
                                     lmf.PromptCached(lmf.SpectR(top_k=2))], ids=repr)
 def test_routers_follow_adds_and_removes(base, dirs, router):
