@@ -31,7 +31,11 @@ adapters the caller asked for. The kernels still read one zero-padded stack per 
 
 The alternative DESIGN.md sketches (factors as views into the padded stack) would need the stack
 itself as the optimizer's parameter, so weight decay and momentum would reach the padding and the
-frozen adapters; masking that inside every optimizer is not possible from here.
+frozen adapters; masking that inside every optimizer is not possible from here. What DESIGN.md
+asks of the gradients holds either way: ``multi_lora_linear``'s registered backward
+(``ops/backward.py``; C++ grouped GEMMs over each adapter's rows on CPU, the torch formulation of
+the same grouped GEMMs elsewhere) saves x and the shrink output h [M, S, R], never M x N x R, and
+only the stack assembly above sits between it and each adapter's leaves.
 
 Gradient checkpointing: HF recomputes each checkpointed layer during the backward, after the
 forward's adapter selection (a contextvar) is gone. A patched model wraps each layer's
