@@ -477,3 +477,18 @@ def test_route_mask_routes_on_the_prompt_only(base):
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(train_pi, full_pi))
     with pytest.raises(ValueError, match="route_mask"):
         E.loss(model, ids, ids, ["t1"] * 3, att, route_mask=rm[:, :P])
+
+
+def test_deepcopy_serves_without_emlora(base):
+    lib = _lib(base, names=("t1",))
+    model = lmf.patch(copy.deepcopy(base), lib)
+    E.attach(model, _em(model, "t1", seed=1))
+    twin = copy.deepcopy(model)  # the copy is served without EM-LoRAs (attach them again)
+    assert E.attached(twin) == {} and set(E.attached(model)) == {"t1"}
+    ids, att = _batch()
+    plain = lmf.patch(copy.deepcopy(base), lib)
+    with torch.no_grad():
+        a = twin(ids, attention_mask=att, adapter_names=["t1"] * 3).logits
+        b = plain(ids, attention_mask=att, adapter_names=["t1"] * 3).logits
+        c = model(ids, attention_mask=att, adapter_names=["t1"] * 3).logits
+    assert (a - b).abs().max() < 1e-12 and (a - c).abs().max() > 1e-6
