@@ -174,11 +174,18 @@ def _key(label, router, normalize, span) -> str:
     return f"{label}|{router}|{normalize}|{span}"
 
 
+_PRIORITY = {"names": 0, "model": 1, "module": 2, "token": 3}  # the bar's rows first
+
+
 def run(quick: bool = False, *, n: int | None = None, n_route: int | None = None,
-        cache_dir=None, model=None, tok=None, state=None) -> list[dict]:
+        cache_dir=None, model=None, tok=None, state=None, budget_s: float | None = None
+        ) -> list[dict]:
     """Rows of exact match per generation config (``n`` prompts per task), each carrying the
     routing table (``n_route`` prompts per task). ``state``: a JSON file where every finished
-    row is saved at once; a rerun with the same settings skips the rows already there."""
+    row is saved at once; a rerun with the same settings skips the rows already there.
+    Configs run in the order base/oracle, model scope, module scope, per token (the slowest);
+    with ``budget_s``, no new config starts once that many seconds have passed, and the rows not
+    run are returned as ``skipped`` rows (the table lists them)."""
     n = n or (6 if quick else 25)
     n_route = n_route or (12 if quick else 50)
     if model is None:
@@ -219,7 +226,10 @@ def run(quick: bool = False, *, n: int | None = None, n_route: int | None = None
             print(f"  route table ({len(rq)} prompts, {time.perf_counter() - t0:.0f}s)",
                   flush=True)
             save(route_acc)
-        for label, kind, make, normalize, span in configs(not quick):
+        t_start = time.perf_counter()
+        todo = sorted(enumerate(configs(not quick)), key=lambda c: (_PRIORITY[c[1][1]], c[0]))
+        order = {}
+        for pos, (label, kind, make, normalize, span) in todo:
             router = names = None
             if kind == "names":
                 names = (["__base__"] * len(qs) if label == "base"
@@ -232,8 +242,13 @@ def run(quick: bool = False, *, n: int | None = None, n_route: int | None = None
                 router = lmf.PromptCached(make(), scope="model", normalize=normalize)
             inner = router.router if isinstance(router, lmf.PromptCached) else router
             key = _key(label, repr(inner), normalize, span)
+            order[key] = pos
             if key in done:
                 rows.append(done[key])
+                continue
+            if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                rows.append(dict(key=key, label=label, router=short(inner),
+                                 normalize=normalize or "-", span=span or "-", skipped=True))
                 continue
             t0 = time.perf_counter()
             lmf.set_router(model, router)
@@ -256,8 +271,13 @@ def run(quick: bool = False, *, n: int | None = None, n_route: int | None = None
     finally:
         lmf.set_router(model, None)
         lmf.unpatch(model)
+    rows.sort(key=lambda r: order[r["key"]])
     oracle = next(r["em"] for r in rows if r["label"] == "oracle")
     for r in rows:
+        if r.get("skipped"):
+            r.update(machine=machine(), train_settings=meta.get("settings", {}),
+                     routes=route_acc, n_route=n_route)
+            continue
         r.update(vs_oracle=r["em"] / oracle if oracle else float("nan"), machine=machine(),
                  train_settings=meta.get("settings", {}), routes=route_acc, n_route=n_route)
     return rows
@@ -266,6 +286,8 @@ def run(quick: bool = False, *, n: int | None = None, n_route: int | None = None
 def _bar_row(rows, span):
     """The row of the issue's bar: PromptCached(Arrow(top_k=1), scope="model"), default pooling."""
     for r in rows:
+        if r.get("skipped"):
+            continue
         if (r["label"], r["router"], r["normalize"], r["span"]) == (
                 "pc-model", short(lmf.Arrow(top_k=1)), "sum", span):
             return r
@@ -275,7 +297,8 @@ def _bar_row(rows, span):
 def format_table(rows) -> str:
     if not rows:
         return "(no rows)"
-    r0 = rows[0]
+    ran = [r for r in rows if not r.get("skipped")]
+    r0 = ran[0]
     tasks, st = r0["tasks"], r0["train_settings"]
     lines = [f"Machine: {r0['machine']}",
              f"SmolLM2-135M-Instruct (fp32), {len(tasks)} peft LoRA experts of "
@@ -291,6 +314,10 @@ def format_table(rows) -> str:
             + " ".join(f"{t:>7}" for t in tasks) + f" | {'/oracle':>7} {'route':>5} {'s':>5}")
     lines += [head, "-" * len(head)]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['label']:>9} {r['router']:>22} {r['normalize']:>4} {r['span']:>8} | "
+                         "not run (the run's time budget was spent)")
+            continue
         route = f"{r['route']:5.2f}" if r["route"] is not None else "    -"
         lines.append(f"{r['label']:>9} {r['router']:>22} {r['normalize']:>4} {r['span']:>8} | "
                      f"{r['em']:5.3f} " + " ".join(f"{r['em_' + t]:7.2f}" for t in tasks)
@@ -338,10 +365,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     ap.add_argument("--state", default=None, help="JSON file of finished rows (a rerun resumes)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no new config starts (the rest: 'not run')")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    rows = run(a.quick, n=a.n, n_route=a.n_route, state=a.state)
+    rows = run(a.quick, n=a.n, n_route=a.n_route, state=a.state, budget_s=a.budget)
     table = format_table(rows)
     print(table)
     print(f"({time.perf_counter() - t0:.0f} s)")
