@@ -26,18 +26,20 @@ SECTIONS = {  # key: (module, title[, keyword arguments of run])
     "op": ("bench.bench_multi_lora_op", "Multi-LoRA linear, op level (d=2048, r=16, 32 adapters)"),
     "op_bf16": ("bench.bench_multi_lora_op",
                 "Multi-LoRA linear, op level, bf16 (d=2048, r=16, 32 adapters)",
-                {**BF16, "Ms": (1, 16, 256, 1024), "pops": ("distinct", "uniform")}),
+                {**BF16, "Ms": (1, 16, 256, 1024), "pops": ("distinct",),
+                 "providers": ("base", "ours", "peft")}),
     "model": ("bench.bench_model", "Multi-tenant model, decode and prefill (Llama hidden 1024)"),
     "model_bf16": ("bench.bench_model",
                    "Multi-tenant model, bf16, decode and prefill (Llama hidden 1024)", BF16),
-    # one thread: on a shared, oversubscribed machine a 2-thread region waits for its descheduled
-    # thread, which these ratios do not see
+    # one thread, timed by its CPU time (clock="cpu"): on a shared, oversubscribed machine a
+    # 2-thread region waits for its descheduled thread, and wall time counts the waits
     "op_bf16_1t": ("bench.bench_multi_lora_op",
                    "Multi-LoRA linear, op level, bf16, 1 thread (d=2048, r=16, 32 adapters)",
-                   {**BF16, "Ms": (1, 16, 256, 1024), "pops": ("distinct",), "threads": 1}),
+                   {**BF16, "Ms": (1, 16, 256, 1024), "pops": ("distinct",), "threads": 1,
+                    "providers": ("base", "ours", "peft"), "clock": "cpu"}),
     "model_bf16_1t": ("bench.bench_model",
-                      "Multi-tenant model, bf16, 1 thread, decode (Llama hidden 1024)",
-                      {**BF16, "shapes": ("decode",), "threads": 1}),
+                      "Multi-tenant model, bf16, 1 thread, decode and prefill (Llama hidden 1024)",
+                      {**BF16, "threads": 1, "clock": "cpu"}),
     "routing": ("bench.bench_routing_layer", "Routed layer: SpectR/Arrow (d=2048, T=32, r=8, k=4)"),
     "spectr_op": ("bench.bench_spectr_op", "spectr_topk scoring op"),
     "study": ("bench.routing_study", "Synthetic routing accuracy: SpectR vs Arrow"),
