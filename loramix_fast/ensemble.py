@@ -205,7 +205,7 @@ def _check_content(content, B: int, E: int, pairs) -> dict:
     return out
 
 
-def _prefix_cache(model, prefix, cache_kw: str, extra: dict, patched: bool):
+def _prefix_cache(model, prefix, extra: dict, patched: bool):
     """Run each used expert's prefix once (row u: its tokens, left-padded, its adapter) and return
     the KV cache with row u copied to every copy of that expert ([N] rows). Padded positions'
     keys and values are zeroed, so a copy never reads non-finite values from them."""
@@ -455,7 +455,7 @@ def ensemble_generate(
     patched = is_patched(model)
     if prefix is not None:
         with torch.inference_mode():
-            cache = _prefix_cache(model, prefix, cache_kw, extra, patched)
+            cache = _prefix_cache(model, prefix, extra, patched)
 
     selection = use_adapters(model, names) if patched else contextlib.nullcontext()
     with torch.inference_mode(), selection:

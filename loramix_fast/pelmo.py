@@ -1,12 +1,15 @@
 """PELMo (seed 001, eqs. 1-4): prompt experts on one backbone, a trained multi-label router that
 picks k of them per question, and the sparse probability-level ensemble of the k.
 
-    feats = lmf.pelmo.HiddenStateFeatures(model, pooler="mean")        # frozen backbone features
-    router = lmf.pelmo.PELMoRouter(feats, n_experts=4, top_k=2)         # small head (eqs. 2-3)
-    y = lmf.pelmo.pelmo_labels(correct)                                 # eq. 1, [Q, E]
-    lmf.pelmo.fit_router(router, train_ids, train_mask, y)              # multi-label BCE
-    out = lmf.pelmo.pelmo_generate(model, ids, router, experts=["__base__"] * 4,
-                                   expert_prompts=prompts, attention_mask=mask)
+    from loramix_fast import pelmo
+    feats = pelmo.HiddenStateFeatures(model, pooler="mean")        # frozen backbone features
+    router = pelmo.PELMoRouter(feats, n_experts=4, top_k=2)         # small head (eqs. 2-3)
+    correct = pelmo.expert_correctness(model, train_ids, train_mask, experts, is_correct,
+                                       expert_prompts=prompts)     # [Q, E] bool
+    y = pelmo.pelmo_labels(correct)                                 # eq. 1, [Q, E]
+    pelmo.fit_router(router, train_ids, train_mask, y)              # multi-label BCE
+    out = pelmo.pelmo_generate(model, ids, router, experts=["__base__"] * 4,
+                               expert_prompts=prompts, attention_mask=mask)
 
 A thin layer over public pieces: the weights are ``topk_renormalize(softmax(logits), k)``
 (``lmf.topk_renormalize``), and generation is ``lmf.ensemble_generate(mode="probs")``, which runs
