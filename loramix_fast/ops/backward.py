@@ -23,9 +23,11 @@ x (only when A or weight needs a gradient), h, and the inputs themselves (weight
 ids). ``loramix::multi_lora_linear`` (the inference op) has the same backward, recomputing h.
 
 Backends: CPU -> C++ (csrc/multi_lora_backward.cpp: the training forward, the backward of
-operations 1 and the expand); the torch formulation in this file everywhere else: the
-"reference" backend, CUDA (no Triton kernel for the training path yet: one host sync per op for
-the group sizes), and the backward of ``mix_logits`` and ``spectr_topk`` on every backend
+operations 1 and the expand); Triton (GPUs): dx is operation 1 itself with A and B swapped
+(``dx_by_forward``: the forward's kernels, base GEMM and delta fused), the training forward's h
+and the grouped dA / dB / dw in the torch formulation (one host sync per op for the group sizes;
+no Triton kernel of their own yet); the torch formulation in this file everywhere else: the
+"reference" backend, and the backward of ``mix_logits`` and ``spectr_topk`` on every backend
 (elementwise work over tensors the forward already holds).
 """
 from __future__ import annotations
@@ -38,8 +40,8 @@ from .mix_logits import _mix_logits_op
 from .multi_lora import _multi_lora_expand_op, _multi_lora_linear_op
 from .spectr import _spectr_topk_op
 
-__all__ = ["multi_lora_linear_train", "linear_fwd_torch", "linear_bwd_torch", "expand_bwd_torch",
-           "mix_logits_bwd_torch", "spectr_topk_bwd"]
+__all__ = ["multi_lora_linear_train", "linear_fwd_torch", "linear_bwd_torch", "dx_by_forward",
+           "expand_bwd_torch", "mix_logits_bwd_torch", "spectr_topk_bwd"]
 
 
 def _acc(dt: torch.dtype) -> torch.dtype:
@@ -148,6 +150,16 @@ def linear_bwd_torch(dy, x, h, weight, A, B, scale, rank, idx, w, need_x, need_A
     if need_x:
         dx = dxa.to(x.dtype)
     return dx, dA, dB, dw.view(M, S) if need_w else dw
+
+
+def dx_by_forward(backend, dy, weight, A, B, scale, rank, idx, w):
+    """dx [M, K] = dy W + sum_s c[m,s] A_e^T (B_e^T dy[m]) as operation 1 itself with the roles of
+    A and B swapped: ``multi_lora_linear(dy, W^T, B^T [E, R, N], A^T [E, K, R])`` on ``backend``
+    (the Triton forward kernels on GPUs: the base GEMM and the delta in one kernel, one rounding).
+    The swapped stacks are copied once (E x R x (K + N) values), never per row."""
+    dy = dy.to(weight.dtype)
+    return _multi_lora_module._run(backend, dy, weight.t(), B.transpose(1, 2).contiguous(),
+                                   A.transpose(1, 2).contiguous(), scale, rank, idx, w, None)
 
 
 def expand_bwd_torch(dout, h, B, scale, rank, idx, w, need_h, need_B, need_w):
@@ -292,9 +304,14 @@ def _linear_backward_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor | Non
                         w: torch.Tensor | None, need_x: bool, need_A: bool, need_B: bool,
                         need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor]:
-    if pick_backend(x, "multi_lora_linear_bwd") == "cpp":
+    backend = pick_backend(x, "multi_lora_linear_bwd")
+    if backend == "cpp":
         out = torch.ops.loramix_cpp.multi_lora_linear_bwd(dy, x, h, weight, A, B, scale, rank, idx,
                                                           w, need_x, need_A, need_B, need_w)
+    elif backend == "triton" and need_x:  # dx by the forward's kernels, the rest grouped in torch
+        dx = dx_by_forward(backend, dy, weight, A, B, scale, rank, idx, w)
+        out = (dx,) + tuple(linear_bwd_torch(dy, x, h, weight, A, B, scale, rank, idx, w, False,
+                                             need_A, need_B, need_w)[1:])
     else:
         out = linear_bwd_torch(dy, x, h, weight, A, B, scale, rank, idx, w, need_x, need_A, need_B,
                                need_w)
