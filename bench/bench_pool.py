@@ -6,7 +6,8 @@ Models: Llamas with SmolLM2-135M's shapes (hidden 576, intermediate 1536, 9 head
 vocab 49152, tied embeddings; random weights: timing and memory do not depend on the values).
 
 serve   6 layers, every linear targeted, rank 8 (the issue's measurement): adapters are added one
-        at a time with ``lib.add`` while the model serves. After each add, one forward of 4
+        at a time with ``lib.add`` while the model serves. After each add (below 129: every
+        16th), one forward of 4
         sequences x 16 tokens whose adapters are the four newest (the new one included), then
         the same forward again (the plain forward: nothing changed in between). Per range of
         library sizes:
@@ -24,7 +25,7 @@ decode  the same model, 256 sequences, 4 tokens of context (KV cache), one decod
         16 / 64 / 256 distinct adapters in the batch against the base model's step.
 zipf    residency: 1,000 adapters on the host, ``max_resident`` 32 / 128 on the "device" (the
         CPU pool here), a Zipf(1.1) request stream in batches of 16 sequences (one decode
-        forward of 1 token each, no cache), 80 batches; loads (misses) per batch, hit rate, forward time of
+        forward of 1 token each, no cache), 60 batches; loads (misses) per batch, hit rate, forward time of
         batches with and without a miss, against the same stream with every adapter resident.
 
 ``run(quick) -> list[dict]``; ``format_table(rows)``; ``--write`` replaces this benchmark's
@@ -335,7 +336,7 @@ def run(quick: bool = False, parts=("serve", "scale", "mixed", "decode", "zipf")
     load0 = os.getloadavg()[0]
     rows = []
     if "serve" in parts:
-        rows += run_serve(160 if quick else 256)
+        rows += run_serve(160 if quick else 256, measure_from=129)
         _settle()
         _progress("serve", t00)
     big = None
@@ -352,7 +353,7 @@ def run(quick: bool = False, parts=("serve", "scale", "mixed", "decode", "zipf")
                            reps=2 if quick else 3)
         _progress("decode", t00)
     if lib is not None:
-        n_batches = 30 if quick else 80
+        n_batches = 30 if quick else 60
         stream = _zipf_stream(n_big, n_batches + 1, 16)
         if "zipf" in parts:  # the same stream with every adapter resident
             rows.append(_serve_stream(big, lib, stream, "all resident"))
