@@ -751,8 +751,9 @@ def fit(model, ems, batches, *, heldout=None, steps: int | None = None, lr: floa
                 opt_act.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-            rec = {"step": step, "loss": float(out.loss), "lm_loss": float(out.lm_loss),
-                   "balance_loss": float(out.balance_loss)}
+            rec = {"step": step, "loss": float(out.loss.detach()),
+                   "lm_loss": float(out.lm_loss.detach()),
+                   "balance_loss": float(out.balance_loss.detach())}
             if opt_act is not None:
                 hb = next(held)
                 opt.zero_grad(set_to_none=True)
@@ -761,7 +762,7 @@ def fit(model, ems, batches, *, heldout=None, steps: int | None = None, lr: floa
                 ho.loss.backward()
                 opt_act.step()
                 opt.zero_grad(set_to_none=True)
-                rec["heldout_loss"] = float(ho.loss)
+                rec["heldout_loss"] = float(ho.loss.detach())
             hist.append(rec)
             if log is not None:
                 log(rec)
