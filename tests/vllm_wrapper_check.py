@@ -67,6 +67,35 @@ def main() -> None:
     y = y0.clone()
     w.add_lora_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
     out["per_slice_on_packed_views"] = (y.double() - ref).abs().max().item()
+    y = y0.clone()
+    yn = w.add_lora_packed(y, x, Ap, Bp, sc, rk, inplace=False)
+    out["packed_not_inplace"] = (yn.double() - ref).abs().max().item()
+    out["packed_not_inplace_input_kept"] = (y - y0).abs().max().item()
+
+    # live slots (kept at set_lora / reset_lora): a layer whose used slots hold no adapter is
+    # skipped; one live used slot and it runs
+    layers.mark_live(layer)
+    assert [sorted(t._lmf_live) for t in layers._b_stacks(layer)] == [[0, 1, 2]] * 4
+    for t in layers._b_stacks(layer):
+        t._lmf_live = {1}  # slot 1: not used by the batch
+    y = y0.clone()
+    w.add_lora_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    w.add_lora_packed(y, x, Ap, Bp, sc, rk)
+    out["dead_slots_skipped"] = (y - y0).abs().max().item()
+    for t in layers._b_stacks(layer):
+        t._lmf_live = {1, 2}
+    y = y0.clone()
+    w.add_lora_packed(y, x, Ap, Bp, sc, rk)
+    out["live_slot_runs"] = (y.double() - ref).abs().max().item()
+    b0 = Bp[0].clone()  # reset_lora-style zeroing of slot 0, then set_lora-style writing back
+    Bp[0].zero_()
+    layers.mark_live(layer, 0)
+    assert sorted(Bp._lmf_live) == [1, 2], Bp._lmf_live
+    Bp[0].copy_(b0)
+    layers.mark_live(layer, 0)
+    assert sorted(Bp._lmf_live) == [0, 1, 2], Bp._lmf_live
+    for t in layers._b_stacks(layer):
+        del t._lmf_live
 
     # fused: base GEMM + deltas in one multi_lora_linear (y0 is then x @ W.T + bias)
     W = torch.randn(sum(slices), K)

@@ -151,6 +151,8 @@ def fused_apply(layer, x: torch.Tensor, bias):
         return None
     if not pw._lmf_any_lora and pw._lmf_host_shortcuts(x):
         return None
+    if pw._lmf_dead(x, pk[2]):  # no slot in use holds an adapter for this layer
+        return None
     W, A, B, scale, rank = pk
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     E = pw._lmf_n_slots(A.shape[0], x2)
@@ -180,11 +182,62 @@ def _packed_lora_to_output(orig):
         if pk is None or not isinstance(pw, LoramixPunicaMixin):
             return orig(self, x, output)
         _, A, B, scale, rank = pk
-        pw.add_lora_packed(output.view(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]), A, B,
-                           scale, rank)
-        return output
+        out = pw.add_lora_packed(output.view(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                 A, B, scale, rank, inplace=False)
+        return out.view(output.shape)  # vLLM takes the return value: no copy back
     _apply_lora_to_output._loramix = True
     return _apply_lora_to_output
+
+
+def _b_stacks(layer) -> list:
+    """The layer's B stacks (the tensors the wrapper receives): vLLM's (a tensor or a tuple of
+    per-slice tensors) and the packed one."""
+    b = getattr(layer, "lora_b_stacked", None)
+    out = [b] if isinstance(b, torch.Tensor) else [t for t in (b or ()) if
+                                                    isinstance(t, torch.Tensor)]
+    pk = layer.__dict__.get("_lmf_packed")
+    if pk is not None:
+        out.append(pk[2])
+    return out
+
+
+def mark_live(layer, index: int | None = None) -> None:
+    """Record on each of the layer's B stacks (attribute ``_lmf_live``, a host set) which slots
+    hold a nonzero B: all slots when ``index`` is None, else slot ``index``. Runs at adapter load
+    time (set_lora / reset_lora; one host read per stack), never in a forward; the wrapper skips
+    a module when no slot its batch uses is live there."""
+    for t in _b_stacks(layer):
+        live = t.__dict__.get("_lmf_live")
+        if live is None:
+            live = set()
+            t._lmf_live = live
+        slots = range(t.shape[0]) if index is None else [index]
+        for i in slots:
+            if bool(t[i].any()):
+                live.add(i)
+            else:
+                live.discard(i)
+
+
+def _track_live(orig, kind: str):
+    @functools.wraps(orig)
+    def method(self, *args, **kwargs):
+        key = "_lmf_live_depth"
+        depth = self.__dict__.get(key, 0)
+        self.__dict__[key] = depth + 1
+        try:
+            out = orig(self, *args, **kwargs)
+        finally:
+            self.__dict__[key] = depth
+        if depth == 0:  # the outermost call (subclasses call their parents')
+            if kind == "create":
+                mark_live(self)
+            else:
+                index = args[0] if args else kwargs["index"]
+                mark_live(self, int(index))
+        return out
+    method._loramix_live = True
+    return method
 
 
 def _subclasses(cls):
@@ -207,16 +260,27 @@ def install(fused: bool) -> None:
     from vllm.lora import layers as _layers  # noqa: F401 - imports every LoRA layer class
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.lora.layers.base import BaseLayerWithLoRA
     from vllm.platforms import current_platform
 
-    if not current_platform.can_update_inplace():  # the packed deltas update y in place
+    inplace = current_platform.can_update_inplace()  # the packed deltas update y in place
+    if not inplace:
         log.warning("loramix_fast: %s cannot update in place; per-slice deltas only",
                     type(current_platform).__name__)
+    else:
+        for c in _subclasses(BaseLinearLayerWithLoRA):
+            f = c.__dict__.get("create_lora_weights")
+            if f is not None and not getattr(f, "_loramix", False):
+                c.create_lora_weights = _after_create(f)
+    # which slots hold an adapter, per B stack; wraps the packing above (it runs first)
+    for c in _subclasses(BaseLayerWithLoRA):
+        for name, kind in (("create_lora_weights", "create"), ("set_lora", "slot"),
+                           ("reset_lora", "slot")):
+            f = c.__dict__.get(name)
+            if f is not None and not getattr(f, "_loramix_live", False):
+                setattr(c, name, _track_live(f, kind))
+    if not inplace:
         return
-    for c in _subclasses(BaseLinearLayerWithLoRA):
-        f = c.__dict__.get("create_lora_weights")
-        if f is not None and not getattr(f, "_loramix", False):
-            c.create_lora_weights = _after_create(f)
     f = BaseLinearLayerWithLoRA._apply_lora_to_output
     if not getattr(f, "_loramix", False):
         BaseLinearLayerWithLoRA._apply_lora_to_output = _packed_lora_to_output(f)

@@ -64,6 +64,7 @@ class LoramixPunicaMixin:
         self._sampler_indices.fill_(-1)
         self._lmf_any_lora = True      # host: does the current batch use any adapter
         self._lmf_slots: int | None = None  # host: slots [0, n) hold every adapter in use
+        self._lmf_used: frozenset | None = None  # host: the slots the current batch uses
         self._lmf_consts: dict = {}    # (E, R, dtype, device) -> (ones [E], rank [E])
         _stats["wrappers"] += 1
         _stats["wrapper_class"] = type(self).__name__
@@ -81,6 +82,7 @@ class LoramixPunicaMixin:
                 if i > 0 and i in slot}
         self._lmf_any_lora = bool(used)
         self._lmf_slots = max(used) + 1 if used else 0
+        self._lmf_used = frozenset(used)
 
     def _lmf_fill_tails(self):
         n0, n1 = self.indices_len[0], self.indices_len[1]
@@ -90,6 +92,19 @@ class LoramixPunicaMixin:
     # ---------------------------------------------------------------- helpers
     def _lmf_host_shortcuts(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and not _tracing()
+
+    def _lmf_dead(self, x: torch.Tensor, *stacks) -> bool:
+        """True when none of the slots the batch uses holds a nonzero B in any of ``stacks``
+        (the host-side sets layers.py keeps on each B stack at set_lora / reset_lora: an
+        adapter without lm_head or embedding weights, or one that does not target a module,
+        costs nothing there). False when a stack carries no set or the shortcut is off."""
+        if self._lmf_used is None or not self._lmf_host_shortcuts(x):
+            return False
+        for t in stacks:
+            live = getattr(t, "_lmf_live", None)
+            if live is None or not live.isdisjoint(self._lmf_used):
+                return False
+        return True
 
     def _lmf_n_slots(self, E: int, x: torch.Tensor) -> int:
         """How many slots from 0 the ops must cover: all of them unless the host knows better."""
@@ -137,6 +152,8 @@ class LoramixPunicaMixin:
             y.zero_()
         if not self._lmf_any_lora and self._lmf_host_shortcuts(x):
             return y
+        if self._lmf_dead(x, *lora_b_stacked):
+            return y
         if not torch.compiler.is_compiling():
             _stats["lora_linear_calls"] += 1
         y2 = y.view(-1, y.shape[-1])
@@ -148,10 +165,14 @@ class LoramixPunicaMixin:
             off += n
         return y
 
-    def add_lora_packed(self, y2, x2, A, B, scale, rank):
-        """A packed layer (layers.py): y2 [T, N] += its slices' deltas, one shrink GEMM over the
-        slots in use (A [E, S R, K] -> h [T, E, S R]) and one multi_lora_expand (B [E, N, S R])."""
+    def add_lora_packed(self, y2, x2, A, B, scale, rank, inplace: bool = True):
+        """A packed layer (layers.py): y2 [T, N] + its slices' deltas, one shrink GEMM over the
+        slots in use (A [E, S R, K] -> h [T, E, S R]) and one multi_lora_expand (B [E, N, S R]).
+        Returns y2 updated in place, or (``inplace=False``) the op's new tensor (y2 untouched;
+        saves a copy when the caller takes the return value)."""
         if not self._lmf_any_lora and self._lmf_host_shortcuts(x2):
+            return y2
+        if self._lmf_dead(x2, B):
             return y2
         if not torch.compiler.is_compiling():
             _stats["packed_calls"] += 1
@@ -163,6 +184,8 @@ class LoramixPunicaMixin:
         h = torch.mm(x2, Ae.reshape(E * SR, K).t())
         out = ops.multi_lora_expand(y2, h.view(x2.shape[0], E, SR), B[:E], scale[:E], rank[:E],
                                     self._lmf_token_idx(x2.shape[0]))
+        if not inplace:
+            return out
         y2.copy_(out)
         return y2
 
@@ -170,6 +193,8 @@ class LoramixPunicaMixin:
                         **kwargs):
         """logits rows (one per request, ``sampler_indices``) += the request's lm_head delta."""
         if not self._lmf_any_lora and self._lmf_host_shortcuts(x):
+            return y
+        if self._lmf_dead(x, lora_b_stacked):
             return y
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
@@ -195,6 +220,8 @@ class LoramixPunicaMixin:
         if not add_inputs:
             y.zero_()
         if not self._lmf_any_lora and self._lmf_host_shortcuts(x):
+            return y
+        if self._lmf_dead(x, lora_b_stacked):
             return y
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
