@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the experts' cache folder (default: $LORAMIX_CACHE_DIR/demo-experts, "
                         "else ~/.cache/loramix_fast/demo-experts)")
     d.add_argument("--retrain", action="store_true", help="train the experts even when cached")
-    d.add_argument("--n-eval", type=int, default=10, metavar="N",
-                   help="held-out prompts per task (default: 10)")
+    d.add_argument("--n-eval", type=int, default=8, metavar="N",
+                   help="held-out prompts per task (default: 8)")
     d.add_argument("--steps", type=int, default=None, metavar="N",
                    help="training steps of the experts (default: the demo's 24; another value "
                         "trains anew)")
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
         if args.tiny or args.model:
             return run_demo(tiny=args.tiny, new_tokens=args.new_tokens or 16, reps=args.reps,
                             model_dir=args.model, adapters=_adapters(args.adapter))
-        if args.n_eval < 2:
-            print("demo: --n-eval must be at least 2")
+        if args.n_eval < 1:
+            print("demo: --n-eval must be at least 1")
             return 2
         return run_demo(cache_dir=args.cache, n_eval=args.n_eval, new_tokens=args.new_tokens or 24,
                         retrain=args.retrain, heatmap=args.heatmap,

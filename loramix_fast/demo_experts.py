@@ -150,9 +150,9 @@ def default_settings(**over) -> dict:
 
 
 # What `python -m loramix_fast demo` trains on a cold cache: 4 experts in 24 mixed steps of 4 rows
-# per task (96 examples per task, against the benchmark experts' 320): measured to fit the demo
-# in 5 minutes on the 2-core development machine, with every expert clearly above the base model
-# (the demo prints both). A higher learning rate makes up for the shorter run.
+# per task (96 examples per task, against the benchmark experts' 320), a higher learning rate
+# making up for the shorter run. Its cost is about 30 s of CPU time per step on the 2-core
+# development machine (measured while shared: about 15 s per step on both cores, an estimate).
 DEMO_SETTINGS = dict(steps=24, batch=4, lr=4e-3, warmup=3)
 
 
@@ -244,7 +244,7 @@ def _train_mixed(out_dir, s, model, tok, verbose):
         decoder = model.get_decoder()
         row_task = torch.arange(len(tasks)).repeat_interleave(s["batch"])
         names = [tasks[i] for i in row_task.tolist()]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ema: dict = {}
         for step in range(s["steps"]):
             examples = [ex for t in tasks for ex in rngs[t].sample(data[t], s["batch"])]
@@ -265,7 +265,8 @@ def _train_mixed(out_dir, s, model, tok, verbose):
                 print(f"  step {step:3d}/{s['steps']}  {ids.shape[0]} rows x {ids.shape[1]} "
                       "tokens  loss " + " ".join(f"{t} {per[i].item():.2f}"
                                                  for i, t in enumerate(tasks))
-                      + f"  {time.perf_counter() - t0:6.1f}s", flush=True)
+                      + f"  {time.perf_counter() - t0:6.1f}s ({time.process_time() - c0:.0f}s "
+                      "CPU)", flush=True)
         secs = {"all": time.perf_counter() - t0}
         model.eval()
         folders = {}
