@@ -291,7 +291,7 @@ def fit_ensemble_weights(model, batches: Iterable, experts: Sequence[str], mode:
         opt.zero_grad()
         loss = _mixture_nll(stored, y, torch.softmax(theta, 0), mode)
         loss.backward()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         opt.step()
     with torch.no_grad():
         w = torch.softmax(theta, 0)

@@ -301,7 +301,7 @@ def fit_merge_weights(model, batches: Iterable, names: Sequence[str], space: str
                 opt.zero_grad()
                 loss = _nll(model, batches[step % len(batches)], step % len(batches))
                 loss.backward()
-                history.append(float(loss))
+                history.append(float(loss.detach()))
                 opt.step()
     finally:
         st.router = prev
