@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the experts' cache folder (default: $LORAMIX_CACHE_DIR/demo-experts, "
                         "else ~/.cache/loramix_fast/demo-experts)")
     d.add_argument("--retrain", action="store_true", help="train the experts even when cached")
-    d.add_argument("--n-eval", type=int, default=8, metavar="N",
-                   help="held-out prompts per task (default: 8)")
+    d.add_argument("--n-eval", type=int, default=10, metavar="N",
+                   help="held-out prompts per task (default: 10)")
     d.add_argument("--steps", type=int, default=None, metavar="N",
                    help="training steps of the experts (default: the demo's 24; another value "
                         "trains anew)")

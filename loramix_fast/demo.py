@@ -278,7 +278,7 @@ def _answers(tok, gen, prompt_len: int, end_id: int):
     return outs, ntok
 
 
-def run_experts_demo(cache_dir=None, n_eval: int = 8, new_tokens: int = 24, retrain: bool = False,
+def run_experts_demo(cache_dir=None, n_eval: int = 10, new_tokens: int = 24, retrain: bool = False,
                      heatmap: str | None = None, settings: dict | None = None) -> int:
     """The main job on real experts (module docstring, steps 1-4). ``settings`` override
     :data:`demo_experts.DEMO_SETTINGS`; ``n_eval`` held-out prompts per task. Returns 0 when
