@@ -1,0 +1,293 @@
+"""The trade-offs paper's comparison on the real SmolLM2 experts (issue 10 item 7): ensembling,
+merging and routing over the four task experts of bench/real_experts.py, one table.
+
+    flock /tmp/lmf-bench.lock .venv/bin/python -m bench.strategies_real [--quick] [--no-write]
+
+Per strategy: multi-task answer NLL (mean over the answer tokens of held-out examples of every
+task, teacher-forced), held-out greedy exact match, forwards per token, and ms per token of the
+scoring pass (wall time of the batched teacher-forced forward / tokens in it). Learned strategies
+fit on training examples of every task pooled (no task labels used), evaluated on held-out ones.
+ELREA (issue 10 item 6) is not built yet: its row is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import loramix_fast as lmf
+from bench import real_experts as RE
+from bench.common import load_line, machine
+
+TITLE = "strategies on trained SmolLM2 experts (ensembling / merging / routing)"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _examples(tasks, n, split, seed=0):
+    return [(t, q, a) for t in tasks for q, a in RE.make_split(t, n, split, seed=seed)]
+
+
+def _batches(tok, ex, size):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for i in range(0, len(ex), size):
+        ids, att, lab = RE._batch(tok, [(q, a) for _, q, a in ex[i:i + size]], pad)
+        out.append({"input_ids": ids, "attention_mask": att, "labels": lab,
+                    "tasks": [t for t, _, _ in ex[i:i + size]]})
+    return out
+
+
+def _keep(b):
+    m = b["attention_mask"]
+    return (m[:, 1:] > 0) & (m[:, :-1] > 0) & (b["labels"][:, 1:] != -100)
+
+
+@torch.no_grad()
+def _nll_forward(model, batches, names_of=None):
+    """(mean answer NLL, ms per token) of a single-forward strategy."""
+    tot, n, secs, toks = 0.0, 0, 0.0, 0
+    for b in batches:
+        ids, att = b["input_ids"], b["attention_mask"]
+        kw = {} if names_of is None else {"adapter_names": names_of(b)}
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=att, **kw).logits
+        secs += time.perf_counter() - t0
+        toks += int(att.sum())
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        k = _keep(b)
+        tot -= float(lp[k].sum())
+        n += int(k.sum())
+    return tot / n, 1e3 * secs / toks
+
+
+@torch.no_grad()
+def _nll_ensemble(model, batches, experts, w, mode):
+    tot, n, secs, toks = 0.0, 0, 0.0, 0
+    for b in batches:
+        t0 = time.perf_counter()
+        lp = lmf.ensemble_logprobs(model, b["input_ids"], experts, w, mode=mode,
+                                   attention_mask=b["attention_mask"])
+        secs += time.perf_counter() - t0
+        toks += int(b["attention_mask"].sum())
+        k = _keep(b)
+        tot -= float(lp[k].sum())
+        n += int(k.sum())
+    return tot / n, 1e3 * secs / toks
+
+
+def _em_single(model, tok, ex, names=None, new=20):
+    qs = [q for _, q, _ in ex]
+    outs = RE.generate_answers(model, tok, qs, names, max_new_tokens=new, batch=64)
+    return RE.exact_match(outs, [a for _, _, a in ex])
+
+
+@torch.no_grad()
+def _em_ensemble(model, tok, ex, experts, w, mode, new=20):
+    old = tok.padding_side
+    tok.padding_side = "left"
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    outs = []
+    try:
+        for i in range(0, len(ex), 32):
+            qs = [q for _, q, _ in ex[i:i + 32]]
+            enc = tok([RE.prompt_text(tok, q) for q in qs], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            gen = lmf.ensemble_generate(model, enc["input_ids"], experts, weights=w, mode=mode,
+                                        attention_mask=enc["attention_mask"],
+                                        max_new_tokens=new, eos_token_id=end_id,
+                                        pad_token_id=pad)
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                if end_id in row:
+                    row = row[:row.index(end_id)]
+                outs.append(tok.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tok.padding_side = old
+    return RE.exact_match(outs, [a for _, _, a in ex])
+
+
+def _train_router(model, router, batches, steps, lr):
+    lmf.set_router(model, router)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    for s in range(steps):
+        b = batches[s % len(batches)]
+        opt.zero_grad()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+            -1, b["input_ids"][:, 1:, None])[..., 0]
+        k = _keep(b)
+        (-(lp * k).sum() / k.sum()).backward()
+        opt.step()
+    lmf.set_router(model, None)
+
+
+def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=None, tok=None):
+    n_test = n_test or (4 if quick else 12)
+    n_train = n_train or (4 if quick else 8)
+    steps = steps or (3 if quick else 12)
+    if model is None:
+        from loramix_fast import smollm2
+
+        model, tok = smollm2.load()
+    t_all = time.perf_counter()
+    load0 = __import__("os").getloadavg()[0]
+    folders = RE.ensure_experts(model=model, tok=tok, verbose=False)
+    tasks = list(folders)
+    lib = lmf.AdapterLibrary.from_peft(folders)
+    lmf.patch(model, lib)
+    model.requires_grad_(False)
+    test = _examples(tasks, n_test, "test")
+    train = _examples(tasks, n_train, "train")
+    # interleave the tasks in the training batches (pooled data, no task labels)
+    train = [train[j * n_train + i] for i in range(n_train) for j in range(len(tasks))]
+    tb = _batches(tok, test, 16)
+    trb = _batches(tok, train, 16)
+    E = len(tasks)
+    rows = []
+
+    def add(name, nll_ms, em_fn, fwd, fit_s=0.0, note=""):
+        acc = em_fn() if em else None
+        rows.append(dict(name=name, nll=nll_ms[0], ms=nll_ms[1], em=acc, fwd=fwd, fit_s=fit_s,
+                         note=note))
+        print(f"  {name:28s} nll {nll_ms[0]:.3f}  em {acc}  ms/tok {nll_ms[1]:.2f}  "
+              f"fit {fit_s:.0f}s {note}", flush=True)
+
+    try:
+        add("base", _nll_forward(model, tb, lambda b: ["__base__"] * len(b["tasks"])),
+            lambda: _em_single(model, tok, test, ["__base__"] * len(test)), 1)
+        add("oracle (task's expert)", _nll_forward(model, tb, lambda b: b["tasks"]),
+            lambda: _em_single(model, tok, test, [t for t, _, _ in test]), 1)
+        for mode in ("probs", "logits"):
+            add(f"ensemble uniform {mode}", _nll_ensemble(model, tb, tasks, None, mode),
+                lambda: _em_ensemble(model, tok, test, tasks, None, mode), E)
+            t0 = time.perf_counter()
+            w = lmf.fit_ensemble_weights(model, trb, tasks, mode=mode, steps=300)
+            fit = time.perf_counter() - t0
+            add(f"ensemble learned {mode}", _nll_ensemble(model, tb, tasks, w, mode),
+                lambda: _em_ensemble(model, tok, test, tasks, w, mode), E, fit,
+                "w=" + "/".join(f"{v:.2f}" for v in w.tolist()))
+        for space in ("factor", "delta"):
+            nm = lmf.merge(lib, tasks, None, space=space, name=f"uniform_{space}")
+            add(f"merge uniform {space}", _nll_forward(model, tb, lambda b: nm),
+                lambda: _em_single(model, tok, test, [nm] * len(test)), 1)
+            lib.remove(nm)
+            for gran in ("global", "layer"):
+                t0 = time.perf_counter()
+                w = lmf.fit_merge_weights(model, trb, tasks, space=space, granularity=gran,
+                                          steps=steps, lr=0.05)
+                fit = time.perf_counter() - t0
+                nm = lmf.merge(lib, tasks, w, space=space, name=f"learned_{space}_{gran}")
+                note = ("w=" + "/".join(f"{v:.2f}" for v in w.tolist())) if gran == "global" \
+                    else ""
+                add(f"merge learned {space} {gran}", _nll_forward(model, tb, lambda b: nm),
+                    lambda: _em_single(model, tok, test, [nm] * len(test)), 1, fit, note)
+                lib.remove(nm)
+        for name, router in [("mu-routing (Uniform)", lmf.Uniform()),
+                             ("Arrow top-1", lmf.Arrow(top_k=1)),
+                             ("SpectR top-1", lmf.SpectR(top_k=1))]:
+            lmf.set_router(model, router)
+            add(name, _nll_forward(model, tb), lambda: _em_single(model, tok, test), 1)
+            lmf.set_router(model, None)
+        for init, lr in (("zero", 1e-3), ("arrow", 1e-3)):
+            r = lmf.LearnedRouter(init=init)
+            t0 = time.perf_counter()
+            _train_router(model, r, trb, steps, lr)
+            fit = time.perf_counter() - t0
+            lmf.set_router(model, r)
+            add(f"learned routing ({init} init)", _nll_forward(model, tb),
+                lambda: _em_single(model, tok, test), 1, fit)
+            lmf.set_router(model, None)
+    finally:
+        lmf.unpatch(model)
+    meta = dict(machine=machine(), load=load_line(load0), n_test=n_test, n_train=n_train,
+                steps=steps, em=em, tasks=tasks, seconds=time.perf_counter() - t_all)
+    return rows, meta
+
+
+def format_table(rows, meta) -> str:
+    lines = [f"Machine: {meta['machine']}; {meta['load']}",
+             f"SmolLM2-135M-Instruct (fp32), experts {'/'.join(meta['tasks'])} (bench/real_experts.py); "
+             f"{meta['n_test']} held-out examples per task for NLL and exact match, "
+             f"{meta['n_train']} training examples per task (pooled) to fit; merges and learned "
+             f"routers: {meta['steps']} Adam steps of 16 rows; ensemble weights: 300 steps on "
+             f"stored per-token outputs; greedy, 20 new tokens; run took {meta['seconds']:.0f}s",
+             ("EM: not run (--no-em)" if meta.get("em") is False else "") + "; "
+             "NLL: mean over answer tokens (lower is better); EM: exact match; fwd/tok: model "
+             "forwards per token; ms/tok: scoring pass wall time per token (shared, loaded CPU)",
+             "", f"{'strategy':>30} | {'NLL':>6} | {'EM':>5} | fwd/tok | {'ms/tok':>6} | fit s | note",
+             "-" * 96]
+    for r in rows:
+        em = "  n/a" if r["em"] is None else f"{r['em']:5.3f}"
+        ms = "   n/a" if r["ms"] is None else f"{r['ms']:6.2f}"
+        lines.append(f"{r['name']:>30} | {r['nll']:6.3f} | {em} | {r['fwd']:7d} | "
+                     f"{ms} | {r['fit_s']:5.0f} | {r['note']}")
+    lines.append(f"{'ELREA':>30} | (not built yet: issue 10 item 6)")
+    by = {r["name"]: r for r in rows}
+
+    def cmp(a, b, key="nll"):
+        if a not in by or b not in by:
+            return "n/a"
+        x, y = by[a][key], by[b][key]
+        better = x < y if key == "nll" else x > y
+        return f"{'yes' if better else 'no'} ({x:.3f} vs {y:.3f})"
+
+    lines += ["", "the paper's claims, as these numbers show them (NLL):",
+              "  probability > logit ensembling (uniform): "
+              + cmp("ensemble uniform probs", "ensemble uniform logits"),
+              "  probability > logit ensembling (learned): "
+              + cmp("ensemble learned probs", "ensemble learned logits"),
+              "  learned > uniform ensembling (probs): "
+              + cmp("ensemble learned probs", "ensemble uniform probs"),
+              "  learned > uniform merging (delta, global): "
+              + cmp("merge learned delta global", "merge uniform delta"),
+              "  learned > uniform merging (factor, global): "
+              + cmp("merge learned factor global", "merge uniform factor"),
+              "  routing (learned, arrow init) > merging (learned delta layer): "
+              + cmp("learned routing (arrow init)", "merge learned delta layer"),
+              "  routing (Arrow top-1) > merging (uniform delta): "
+              + cmp("Arrow top-1", "merge uniform delta")]
+    return "\n".join(lines)
+
+
+def write_section(table: str, path: Path = RESULTS) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
+    body = f"## {TITLE}\n\n```\n{table}\n```\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    chunks = text.split("\n## ")
+    head, rest = chunks[0], chunks[1:]
+    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != TITLE]
+    kept.append(body)
+    path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n-test", type=int, default=None)
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="accuracy only: leave ms/tok out (a run that does not hold the bench lock)")
+    ap.add_argument("--no-em", action="store_true",
+                    help="skip greedy exact match (generation dominates the run time on CPU)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows, meta = run(a.quick, n_test=a.n_test, n_train=a.n_train, steps=a.steps,
+                     em=not a.no_em)
+    if a.no_timing:
+        for r in rows:
+            r["ms"] = None
+    table = format_table(rows, meta)
+    print(table)
+    if not a.no_write:
+        write_section(table)
+        print(f"wrote the '{TITLE}' section of {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
