@@ -10,6 +10,8 @@
 //   rank [T] int or None, score_scale [T] float or None.
 // Returns (idx [M, k] int32, w [M, k] float32, scores [M, T] float32). Math in fp32.
 //
+// Norms with a unit rank stride (h as a slice of a GEMM output): AVX-512 sums of squares on the 16-bit or
+// fp32 values, widened in registers (no fp32 copy of h); other strides: a scalar loop.
 // One row per iteration of at::parallel_for; the top-k is an insertion into a sorted list of at most
 // min(k, T) entries (T is a few hundred at most), which keeps ties on the lowest index because experts
 // are visited in ascending order and only a strictly greater score displaces an entry.
@@ -17,13 +19,49 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LMF_SPECTR_AVX512 1
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+#ifdef LMF_SPECTR_AVX512
+// sum_{j < n} float(p[j])^2 for fp32 / bf16 / fp16 p with unit stride: 16 lanes at a time, fp32
+// FMA (16-bit values widened in registers: h is never copied to fp32), one horizontal sum.
+template <typename scalar_t>
+inline float sumsq16(const scalar_t* p, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    __m512 v;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      v = _mm512_maskz_loadu_ps(k, p + j);
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p + j)), 16));
+    } else {
+      v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p + j));
+    }
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+template <typename scalar_t>
+constexpr bool kSumsq16 = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16> ||
+                          std::is_same_v<scalar_t, at::Half>;
+#else
+template <typename scalar_t>
+constexpr bool kSumsq16 = false;  // the scalar loop below
+#endif
 
 template <typename scalar_t>
 void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t R, int64_t sm, int64_t st,
@@ -49,6 +87,11 @@ void spectr_rows(const scalar_t* __restrict__ hp, int64_t M, int64_t T, int64_t 
           const float v = std::fabs(static_cast<float>(hrow[t * st]));
           srow[t] = scale ? v * scale[t] : v;
         }
+      } else if (sr == 1 && kSumsq16<scalar_t>) {
+#ifdef LMF_SPECTR_AVX512
+        if constexpr (kSumsq16<scalar_t>)
+          for (int64_t t = 0; t < T; ++t) srow[t] = std::sqrt(sumsq16(hrow + t * st, rlim[t]));
+#endif
       } else if (sr == 1) {
         for (int64_t t = 0; t < T; ++t) {
           const scalar_t* ht = hrow + t * st;
