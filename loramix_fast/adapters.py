@@ -872,12 +872,19 @@ class AdapterLibrary:
         meta = state.mods.get(module)
         if meta is None or not meta.active:  # no adapter, or rank 0 only: the base module
             return None
-        s = self._slots(module, (dtype, device))
-        E = len(state.names)
-        s.ensure(_pool.grow_cap(s.cap, E), meta.R)
-        rank, scale = meta.padded(E)
-        rank = rank.to(device)  # on the CPU: a view of the state's own (never written) tensor
-        scale = scale.to(device=device, dtype=_pool.scale_dtype(dtype))
+        # a stack first built inside torch.inference_mode (serving, ensemble_generate) is kept
+        # and later trained through: its tensors must be normal ones, which autograd can save
+        with torch.inference_mode(False):
+            s = self._slots(module, (dtype, device))
+            E = len(state.names)
+            s.ensure(_pool.grow_cap(s.cap, E), meta.R)
+            rank, scale = meta.padded(E)
+            rank = rank.to(device)  # on the CPU: a view of the state's own (never written) tensor
+            scale = scale.to(device=device, dtype=_pool.scale_dtype(dtype))
+            if rank.is_inference():  # metadata written by an add under inference_mode
+                rank = rank.clone()
+            if scale.is_inference():
+                scale = scale.clone()
         return ModuleStack(state.names, s.A[:E], s.B[:E], scale, rank, pool=s, pool_epoch=s.epoch)
 
     def _live_stack(self, state, key, base, live) -> ModuleStack:

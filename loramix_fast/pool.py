@@ -108,8 +108,9 @@ class Slots:
     def __init__(self, K: int, N: int, R: int, cap: int, dtype, device):
         self.K, self.N, self.R, self.cap = K, N, R, cap
         self.dtype, self.device = dtype, device
-        self.A = torch.zeros(cap, R, K, dtype=dtype, device=device)
-        self.B = torch.zeros(cap, N, R, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # normal tensors even when added under inference_mode:
+            self.A = torch.zeros(cap, R, K, dtype=dtype, device=device)  # a later training step
+            self.B = torch.zeros(cap, N, R, dtype=dtype, device=device)  # saves views of them
         self.keys = [None] * cap
         self.cache: dict = {}
         self.epoch = 0
@@ -120,10 +121,11 @@ class Slots:
         if cap <= self.cap and R <= self.R:
             return
         ncap, nR = max(cap, self.cap), max(R, self.R)
-        A = torch.zeros(ncap, nR, self.K, dtype=self.dtype, device=self.device)
-        B = torch.zeros(ncap, self.N, nR, dtype=self.dtype, device=self.device)
-        A[:self.cap, :self.R] = self.A
-        B[:self.cap, :, :self.R] = self.B
+        with torch.inference_mode(False), torch.no_grad():
+            A = torch.zeros(ncap, nR, self.K, dtype=self.dtype, device=self.device)
+            B = torch.zeros(ncap, self.N, nR, dtype=self.dtype, device=self.device)
+            A[:self.cap, :self.R] = self.A
+            B[:self.cap, :, :self.R] = self.B
         self.A, self.B = A, B
         self.keys = self.keys + [None] * (ncap - self.cap)
         self.cap, self.R = ncap, nR

@@ -366,3 +366,29 @@ def test_unknown_names_and_bad_calls(base, dirs, tmp_path):
     assert lib.parameters("a")  # a single name is a list of one
     with pytest.raises(RuntimeError, match="before handing out"):
         lib.to(torch.float64)
+
+
+def test_training_after_serving_under_inference_mode(base, dirs):
+    """A library added to and served under torch.inference_mode first (a server that later
+    fine-tunes, ensemble_generate before fitting) still trains: its stacks hold normal tensors,
+    and the gradients equal those of a library that never saw inference mode."""
+    ids = _ids(2, 9, seed=3)
+
+    def grads(lib, model):
+        params = lib.parameters(["a"])
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb, adapter_names=["a", "b"]).logits
+        _sum_loss(logits, ids).backward()
+        return [p.grad.clone() for p in params] + [emb.grad.clone()]
+
+    with torch.inference_mode():
+        lib = lmf.AdapterLibrary.from_peft({"a": dirs["a"]})
+    model = _patched(base, lib)  # the model's own weights stay normal tensors
+    with torch.inference_mode():
+        lib.add_peft("b", dirs["b"])
+        model(ids, adapter_names=["a", "b"])  # stacks first built here
+    got = grads(lib, model)
+    lib2 = lmf.AdapterLibrary.from_peft({"a": dirs["a"], "b": dirs["b"]})
+    want = grads(lib2, _patched(base, lib2))
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= 1e-6
