@@ -268,6 +268,17 @@ class _Prompts:
         return {t: sum(v) / len(v) for t, v in by.items()}
 
 
+def _question_mask(tok, questions, L: int) -> torch.Tensor:
+    """[B, L] bool: the left-padded prompt tokens that overlap each user question (the span
+    ``PromptCached(scope="model")`` pools with ``prompt_mask``; the chat template's own tokens,
+    the same in every prompt, would otherwise outvote the question)."""
+    qm = torch.zeros(len(questions), L, dtype=torch.bool)
+    for i, q in enumerate(questions):
+        ids, m = DE.question_span(tok, q)
+        qm[i, L - len(ids):] = torch.tensor(m)
+    return qm
+
+
 def _answers(tok, gen, prompt_len: int, end_id: int):
     """(answers: text before <|im_end|>, stripped; generated tokens counted up to the end)."""
     outs, ntok = [], 0
@@ -401,16 +412,20 @@ def run_experts_demo(cache_dir=None, n_eval: int = 10, new_tokens: int = 24, ret
         routers = [("SpectR(top_k=2), per token", lmf.SpectR(top_k=2)),
                    ("Arrow(top_k=2), per token", lmf.Arrow(top_k=2)),
                    ('PromptCached(Arrow(top_k=1), scope="model")',
+                    lmf.PromptCached(lmf.Arrow(top_k=1), scope="model")),
+                   ('  the same, pooled over the question only',
                     lmf.PromptCached(lmf.Arrow(top_k=1), scope="model"))]
-        for label, router in routers:
+        qmask = _question_mask(tok, P.questions, P.ids.shape[1])
+        for j, (label, router) in enumerate(routers):
             lmf.set_router(model, router)
             picks = "-"
+            kw = {"prompt_mask": qmask} if j == len(routers) - 1 else {}
             t0 = time.perf_counter()
             if isinstance(router, lmf.PromptCached):
-                dec = router.decide(model, P.ids, attention_mask=P.att)
+                dec = router.decide(model, P.ids, attention_mask=P.att, **kw)
                 chosen = [tasks[i] for i in dec.idx[:, 0].tolist()]
                 picks = f"{sum(c == t for c, t in zip(chosen, P.task)) / B:.2f}"
-            g = model.generate(input_ids=P.ids, attention_mask=P.att, **gen_kw)
+            g = model.generate(input_ids=P.ids, attention_mask=P.att, **gen_kw, **kw)
             dt = time.perf_counter() - t0
             outs_r, nt = _answers(tok, g, P.ids.shape[1], end_id)
             em = sum(o == gd for o, gd in zip(outs_r, P.gold)) / B
