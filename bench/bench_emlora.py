@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import loramix_fast as lmf
+from bench import common
 from bench.common import load_line, machine
 from loramix_fast import emlora as E
 
@@ -166,13 +167,7 @@ def format_table(runs) -> str:
 
 def write_section(table: str, path: Path = RESULTS) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
-    body = f"## {TITLE}\n\n```\n{table}\n```\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    chunks = text.split("\n## ")
-    head, rest = chunks[0], chunks[1:]
-    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != TITLE]
-    kept.append(body)
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+    common.write_section(TITLE, table, path)
 
 
 def main(argv=None) -> int:

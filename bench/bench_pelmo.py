@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench import common
 from bench.common import machine, time_side_by_side
 from loramix_fast import topk_renormalize
 from loramix_fast.ensemble import ensemble_generate
@@ -94,16 +95,7 @@ def format_table(rows) -> str:
 
 def write_section(table: str, path: Path = RESULTS) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
-    body = f"## {TITLE}\n\n```\n{table}\n```\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    chunks = text.split("\n## ")
-    head, rest = chunks[0], chunks[1:]
-    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != TITLE]
-    titles = [k.split("\n", 1)[0][3:].strip() for k in kept]
-    after = "ensemble_generate (4 experts x 4 sequences)"
-    pos = titles.index(after) + 1 if after in titles else len(kept)
-    kept.insert(pos, body)
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+    common.write_section(TITLE, table, path, after='ensemble_generate (4 experts x 4 sequences)')
 
 
 def main(argv=None) -> int:

@@ -53,3 +53,20 @@ def load_line(before: float | None = None) -> str:
     now = os.getloadavg()[0]
     was = f"{before:.1f} -> " if before is not None else ""
     return f"load average (1 min) {was}{now:.1f} on {os.cpu_count()} cpus"
+
+
+def write_section(title: str, table: str, path, after: str | None = None) -> None:
+    """Replace (or add) the ``## {title}`` section of a RESULTS.md with ``table`` in a code fence,
+    leaving the other sections as they are. A new section goes right after the section titled
+    ``after`` when there is one, else at the end; a replaced one moves there too."""
+    from pathlib import Path
+
+    path = Path(path)
+    body = f"## {title}\n\n```\n{table}\n```\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    head, *rest = text.split("\n## ")
+    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != title]
+    titles = [k.split("\n", 1)[0][3:].strip() for k in kept]
+    pos = titles.index(after) + 1 if after in titles else len(kept)
+    kept.insert(pos, body)
+    path.write_text("\n".join([head.rstrip() + "\n"] + kept))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import loramix_fast as lmf
 from bench import real_experts as RE
+from bench import common
 from bench.common import machine
 
 TITLE = "prompt routing on trained SmolLM2 experts"
@@ -344,16 +345,7 @@ def format_table(rows) -> str:
 
 def write_section(table: str, path: Path = RESULTS) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
-    body = f"## {TITLE}\n\n```\n{table}\n```\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    chunks = text.split("\n## ")
-    head, rest = chunks[0], chunks[1:]
-    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != TITLE]
-    titles = [k.split("\n", 1)[0][3:].strip() for k in kept]
-    after = "routing on trained SmolLM2 experts"  # next to the routing-accuracy section
-    pos = titles.index(after) + 1 if after in titles else len(kept)
-    kept.insert(pos, body)
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+    common.write_section(TITLE, table, path, after='routing on trained SmolLM2 experts')
 
 
 def main(argv=None) -> int:
