@@ -1677,6 +1677,45 @@ at::Tensor multi_lora_expand_cpu(const at::Tensor& y, const at::Tensor& h, const
   return out.scalar_type() == y.scalar_type() ? out : out.to(y.scalar_type());
 }
 
+// multi_lora_add_ (in place): y[m] += sum_s w[m,s] * scale[e] * B[e, :, :rank[e]] @ (A[e, :rank[e]]
+// @ x[m]), e = idx[m, s] (-1: nothing): the delta half of multi_lora_linear, added to a y the caller
+// computed (a serving engine's base GEMM output, or a column slice of it). The same plan and
+// kernels as linear_delta (per-row shrink of each row's own adapter only: no shrink over every
+// adapter, no h [M, E, R]); fp32/fp64 y with unit column stride is updated where it lies (any row
+// stride: a column slice of a wider output works), other layouts through a contiguous scratch
+// copied back; bf16/fp16 y through an fp32 copy, the delta rounded once into y.
+void multi_lora_add_cpu(at::Tensor& y, const at::Tensor& x_, const at::Tensor& A_,
+                        const at::Tensor& B_, const at::Tensor& scale, const at::Tensor& rank,
+                        const at::Tensor& idx, const std::optional<at::Tensor>& w) {
+  const char* op = "loramix_cpp.multi_lora_add_";
+  check_shape(op, "y", y, {-1, -1}, "[M, N]");
+  const at::ScalarType dt = y.scalar_type();
+  TORCH_CHECK(is_float_type(dt), op, ": y must be float32, float16, bfloat16 or float64, got ", dt);
+  const int64_t M = y.size(0), N = y.size(1);
+  check_shape(op, "x", x_, {M, -1}, "[M, K]");
+  const int64_t K = x_.size(1);
+  check_shape(op, "A", A_, {-1, -1, K}, "[E, R, K]");
+  const int64_t E = A_.size(0), R = A_.size(1);
+  check_shape(op, "B", B_, {E, N, R}, "[E, N, R]");
+  TORCH_CHECK(x_.scalar_type() == dt, op, ": x must have y's dtype ", dt, ", got ", x_.scalar_type());
+  TORCH_CHECK(A_.scalar_type() == dt, op, ": A must have y's dtype ", dt, ", got ", A_.scalar_type());
+  TORCH_CHECK(B_.scalar_type() == dt, op, ": B must have y's dtype ", dt, ", got ", B_.scalar_type());
+  const Meta mt = prepare(op, scale, rank, idx, w, M, E, R,
+                          dt == at::kDouble ? at::kDouble : at::kFloat);
+  if (M == 0 || N == 0 || E == 0 || R == 0 || K == 0 || idx.size(1) == 0) return;
+  const at::Tensor x = unit_last(x_), A = unit_last(A_), B = unit_last(B_);
+  const bool direct = (N <= 1 || y.stride(1) == 1) && (M <= 1 || y.stride(0) >= N);
+  at::Tensor out = direct ? y : y.contiguous();
+  switch (dt) {
+    case at::kFloat: linear_delta<float>(x, A, B, mt, out); break;
+    case at::kDouble: linear_delta<double>(x, A, B, mt, out); break;
+    case at::kBFloat16: linear_delta<c10::BFloat16>(x, A, B, mt, out); break;
+    case at::kHalf: linear_delta<c10::Half>(x, A, B, mt, out); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dt);
+  }
+  if (!out.is_same(y)) y.copy_(out);
+}
+
 }  // namespace
 }  // namespace loramix
 
@@ -1685,6 +1724,8 @@ TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) {
         "Tensor idx, Tensor? w, Tensor? bias) -> Tensor");
   m.def("multi_lora_expand(Tensor y, Tensor h, Tensor B, Tensor scale, Tensor rank, Tensor idx, "
         "Tensor? w) -> Tensor");
+  m.def("multi_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor rank, "
+        "Tensor idx, Tensor? w) -> ()");
 }
 
 namespace loramix {
@@ -1702,4 +1743,5 @@ TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) { m.def("cpu_isa() -> str[]", &loramix::c
 TORCH_LIBRARY_IMPL(loramix_cpp, CPU, m) {
   m.impl("multi_lora_linear", &loramix::multi_lora_linear_cpu);
   m.impl("multi_lora_expand", &loramix::multi_lora_expand_cpu);
+  m.impl("multi_lora_add_", &loramix::multi_lora_add_cpu);
 }

@@ -25,5 +25,6 @@ from .autotune import warmup  # noqa: F401
 from . import emlora  # noqa: F401
 from .emlora import EMLoRA  # noqa: F401
 from . import pelmo  # noqa: F401
+from . import elrea  # noqa: F401
 
 __version__ = "0.1.0"

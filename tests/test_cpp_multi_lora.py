@@ -479,3 +479,131 @@ def test_cpu_isa_reports_and_validates(monkeypatch):
     monkeypatch.setenv("LORAMIX_CPP_GEMM16", "cublas")
     with pytest.raises(ValueError, match="LORAMIX_CPP_GEMM16"):
         _cpp_ops().cpu_isa()
+
+
+# ------------------------------------------------------------------ multi_lora_add_ (in place) -------
+# y += the delta of multi_lora_linear, written into the caller's y: checked against y + the fp64
+# reference delta (NaN-poisoned ranks past rank[e]), on every layout of y the vLLM plugin hands it
+# (contiguous, a column slice of a wider output, transposed), every path (LORAMIX_CPP_LARGE_GROUP),
+# rows with no adapter bit-identical, nothing outside y's view written.
+def _delta_ref(x, A, B, scale, rank, idx, w, *, upcast):
+    zero_w = torch.zeros(B.shape[1], x.shape[1], dtype=x.dtype)
+    return reference.multi_lora_linear(x, zero_w, A, B, scale, rank, idx, w, None, upcast=upcast)
+
+
+def _y_in(c: Case, g, layout: str):
+    """(y, its backing storage tensor): a fresh random [M, N] y laid out as asked."""
+    if layout == "column_slice":  # columns [3, 3 + N) of a wider output (vLLM's per-slice view)
+        full = _rand((c.M, c.N + 10), g, c.dtype)
+        return full[:, 3:3 + c.N], full
+    if layout == "transposed":
+        full = _rand((c.N, c.M), g, c.dtype)
+        return full.t(), full
+    y = _rand((c.M, c.N), g, c.dtype)
+    return y, y
+
+
+def _check_add(c: Case, y, y0, full, full0, x, A, B, scale, rank, idx, w):
+    ref = y0.double() + _delta_ref(x, A, B, scale, rank, idx, w, upcast=True)
+    torch_out = (y0.to(torch.float32) + _delta_ref(x, A, B, scale, rank, idx, w, upcast=False)
+                 .to(torch.float32)).to(c.dtype)
+    _check(y, ref, [torch_out], c.dtype)
+    none = (idx < 0).all(dim=1) if idx.shape[1] else torch.ones(c.M, dtype=torch.bool)
+    assert torch.equal(y[none], y0[none])  # rows without an adapter are never written
+    if full.shape == (c.M, c.N + 10):  # a column slice: the columns around it untouched
+        assert torch.equal(full[:, :3], full0[:, :3])
+        assert torch.equal(full[:, 3 + c.N:], full0[:, 3 + c.N:])
+
+
+ADD_LAYOUTS = ("contiguous", "column_slice", "transposed")
+
+
+@pytest.mark.parametrize("layout", ADD_LAYOUTS)
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
+def test_add_matches_reference(c: Case, layout: str, monkeypatch):
+    x, _, A, B, scale, rank, idx, w, _ = make_inputs(c, seed=5)
+    g = torch.Generator().manual_seed(17)
+    y, full = _y_in(c, g, layout)
+    full0, y0 = full.clone(), y.clone()
+    A_p, B_p = poison_padding(A, B, rank)
+    ptr, strides = y.data_ptr(), y.stride()
+    assert _cpp_ops().multi_lora_add_(y, x, A_p, B_p, scale, rank, idx, w) is None
+    assert y.data_ptr() == ptr and y.stride() == strides
+    _check_add(c, y, y0, full, full0, x, A, B, scale, rank, idx, w)
+    # through ops (C++ forced): the same values, y returned; and the reference backend agrees
+    monkeypatch.setenv("LORAMIX_BACKEND", "cpp")
+    y2 = y0.clone()
+    assert ops.multi_lora_add_(y2, x, A_p, B_p, scale, rank, idx.long(), w) is y2
+    assert torch.equal(y2, y)
+    monkeypatch.setenv("LORAMIX_BACKEND", "reference")
+    y3 = y0.clone()
+    ops.multi_lora_add_(y3, x, A, B, scale, rank, idx, w)
+    _check(y3, y0.double() + _delta_ref(x, A, B, scale, rank, idx, w, upcast=True),
+           [y, y0.double() + _delta_ref(x, A, B, scale, rank, idx, w, upcast=False)], c.dtype)
+
+
+@pytest.mark.parametrize("large_group", [1, 10 ** 9], ids=["all_gemm", "all_per_row"])
+@pytest.mark.parametrize("c", FORCED, ids=[c.name for c in FORCED])
+def test_add_each_path(c: Case, large_group: int, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CPP_LARGE_GROUP", str(large_group))
+    x, _, A, B, scale, rank, idx, w, _ = make_inputs(c, seed=13)
+    y, full = _y_in(c, torch.Generator().manual_seed(3), "column_slice")
+    full0, y0 = full.clone(), y.clone()
+    A_p, B_p = poison_padding(A, B, rank)
+    _cpp_ops().multi_lora_add_(y, x, A_p, B_p, scale, rank, idx, w)
+    _check_add(c, y, y0, full, full0, x, A, B, scale, rank, idx, w)
+
+
+def test_add_equals_linear_delta():
+    """y = x W^T (computed by the caller) + multi_lora_add_ gives multi_lora_linear's y (fp32)."""
+    c = Case("eq", M=16, K=576, N=960, E=4, R=24, none_frac=0.25)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
+    y = torch.addmm(bias, x, weight.t())
+    _cpp_ops().multi_lora_add_(y, x, A, B, scale, rank, idx, w)
+    y_lin = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    _check(y, ref, [y_lin], torch.float32)
+
+
+def test_add_under_torch_compile():
+    """One opaque node that mutates y: aot_eager (functionalised) gives the eager result."""
+    c = Case("tc", M=7, K=32, N=24, E=3, R=4, none_frac=0.3)
+    x, _, A, B, scale, rank, idx, w, _ = make_inputs(c, seed=9)
+    y0 = _rand((c.M, c.N), torch.Generator().manual_seed(1), torch.float32)
+
+    def f(y, x):
+        ops.multi_lora_add_(y[:, 2:], x, A[:, :, :], B[:, 2:], scale, rank, idx.long(), None)
+        return y * 1.0
+
+    ye = f(y0.clone(), x)
+    yc_in = y0.clone()
+    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(yc_in, x)
+    assert torch.equal(yc, ye) and torch.equal(yc_in, ye)
+    assert not torch.equal(ye[:, 2:], y0[:, 2:]) and torch.equal(ye[:, :2], y0[:, :2])
+
+
+def test_add_errors_name_the_argument(monkeypatch):
+    c = Case("err", M=6, K=16, N=24, E=3, R=4)
+    x, _, A, B, scale, rank, idx, w, _ = make_inputs(c)
+    y = torch.randn(6, 24)
+    f = _cpp_ops().multi_lora_add_
+    bad = {
+        "y": (torch.randn(6, 24, 1), x, A, B, scale, rank, idx),
+        "x": (y, torch.randn(5, 16), A, B, scale, rank, idx),
+        "A": (y, x, torch.randn(3, 4, 15), B, scale, rank, idx),
+        "B": (y, x, A, torch.randn(3, 23, 4), scale, rank, idx),
+        "scale": (y, x, A, B, torch.ones(2), rank, idx),
+        "rank": (y, x, A, B, scale, torch.ones(3), idx),
+    }
+    for arg, args in bad.items():
+        with pytest.raises(RuntimeError, match=rf"\b{arg}\b"):
+            f(*args, None)
+    with pytest.raises(RuntimeError, match=r"\bx\b"):
+        f(y, x.double(), A, B, scale, rank, idx, None)
+    with pytest.raises(ValueError, match=r"\bidx\b"):
+        f(y, x, A, B, scale, rank, torch.full((6, 1), 3, dtype=torch.int32), None)
+    monkeypatch.setenv("LORAMIX_BACKEND", "reference")
+    with pytest.raises(ValueError, match=r"\bidx\b"):  # every backend checks ids on CPU
+        ops.multi_lora_add_(y, x, A, B, scale, rank, torch.full((6, 1), -2), None)
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.multi_lora_add_(y, x.requires_grad_(), A, B, scale, rank, idx, None)

@@ -10,7 +10,7 @@ import torch
 from .. import reference
 from ._dispatch import FLOAT_DTYPES, INT_DTYPES, check_tensor, pick_backend
 
-__all__ = ["multi_lora_linear", "multi_lora_expand"]
+__all__ = ["multi_lora_linear", "multi_lora_expand", "multi_lora_add_"]
 
 
 def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
@@ -174,3 +174,75 @@ def _multi_lora_expand_op(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, sca
 @_multi_lora_expand_op.register_fake
 def _(y, h, B, scale, rank, idx, w):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    scale: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
+                    w: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
+    """Add the selected adapters' deltas of ``x`` to ``y`` in place (the delta half of
+    :func:`multi_lora_linear`, for a base output the caller computed, e.g. a serving engine's).
+
+    Semantics: y[m] += sum_s w[m, s] * scale[e] * B[e, :, :rank[e]] @ (A[e, :rank[e]] @ x[m]),
+    e = idx[m, s]; e = -1 adds nothing (rows without an adapter are never written).
+    Shapes: y [M, N] (any strides: a column slice of a wider output is updated where it lies),
+    x [M, K], A [E, R, K], B [E, N, R] (x, A, B in y's dtype), scale [E] float, rank [E] int,
+    idx [M, S] int, w [M, S] float or None (= 1). Returns y (the same tensor).
+    Math: fp32 accumulation (fp64 for fp64 y); a bf16/fp16 y gets round(y + delta), one rounding.
+    On CPU (C++) each row's shrink reads only its own adapter's A (no h over every adapter, no copy
+    of y); elsewhere (Triton / reference) it is the shrink GEMM over all E adapters followed by
+    :func:`multi_lora_expand`, copied into y. ``validate=False`` skips the Python-side checks
+    (the C++ kernel checks shapes, dtypes and ids itself; a serving engine's hot path).
+    Errors name the offending argument; ids outside [-1, E) raise ValueError on CPU.
+    Inference only: not differentiable (use :func:`multi_lora_linear` to train). Registered as the
+    custom op ``loramix::multi_lora_add_`` (mutates y) with a fake implementation, so torch.compile
+    and CUDA graphs see one node.
+    """
+    if validate:
+        check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
+        M, N = y.shape
+        dev = y.device
+        check_tensor("x", x, ndim=2, dtypes=(y.dtype,), shape=(M, None), device=dev)
+        K = x.shape[1]
+        check_tensor("A", A, ndim=3, dtypes=(y.dtype,), shape=(None, None, K), device=dev)
+        E, R = A.shape[0], A.shape[1]
+        check_tensor("B", B, ndim=3, dtypes=(y.dtype,), shape=(E, N, R), device=dev)
+        check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=dev, shape=(E,))
+        check_tensor("rank", rank, ndim=1, dtypes=INT_DTYPES, device=dev, shape=(E,))
+        check_tensor("idx", idx, ndim=2, dtypes=INT_DTYPES, shape=(M, None), device=dev)
+        check_tensor("w", w, ndim=2, dtypes=FLOAT_DTYPES, shape=(M, idx.shape[1]), optional=True,
+                     device=dev)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (y, x, A, B, w)):
+            raise RuntimeError("multi_lora_add_ is inference only (not differentiable): call it "
+                               "under torch.no_grad(), or use multi_lora_linear to train")
+    if torch.compiler.is_compiling():
+        _multi_lora_add_op(y, x, A, B, scale, rank, idx, w)
+        return y
+    backend = pick_backend(y, "multi_lora_add_")
+    if validate:
+        _check_ids(idx, A.shape[0], backend)
+    _run_add(backend, y, x, A, B, scale, rank, idx, w)
+    return y
+
+
+def _run_add(backend, y, x, A, B, scale, rank, idx, w):
+    if backend == "cpp":
+        torch.ops.loramix_cpp.multi_lora_add_(y, x, A, B, scale, rank, idx, w)
+        return
+    E, R, K = A.shape
+    if E == 0 or R == 0 or idx.shape[1] == 0 or y.numel() == 0:
+        return  # nothing selects an adapter
+    h = torch.mm(x, A.reshape(E * R, K).t()).view(x.shape[0], E, R)  # every adapter's shrink
+    y.copy_(_run_expand(backend, y, h, B, scale, rank, idx, w))
+
+
+@torch.library.custom_op("loramix::multi_lora_add_", mutates_args=("y",))
+def _multi_lora_add_op(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       scale: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
+                       w: torch.Tensor | None) -> None:
+    _run_add(pick_backend(y, "multi_lora_add_"), y, x, A, B, scale, rank, idx, w)
+
+
+@_multi_lora_add_op.register_fake
+def _(y, x, A, B, scale, rank, idx, w):
+    return None
