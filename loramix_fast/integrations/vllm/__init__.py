@@ -85,7 +85,8 @@ def register() -> None:
     if m == "off":
         log.info("loramix_fast vLLM plugin: off (LORAMIX_VLLM=%s)", os.environ.get("LORAMIX_VLLM"))
         return
-    from . import layers, punica
+    from . import layers, punica, routed
 
     punica.install()
     layers.install(fused=(m == "fused"))
+    routed.install()  # routed requests (routed.py)

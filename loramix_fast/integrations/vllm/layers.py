@@ -149,6 +149,8 @@ def fused_apply(layer, x: torch.Tensor, bias):
     pw = getattr(layer, "punica_wrapper", None)
     if pk is None or pk[0] is None or not isinstance(pw, LoramixPunicaMixin):
         return None
+    if pw.__dict__.get("_lmf_routed") is not None:  # routed.py: the packed path adds them
+        return None
     if not pw._lmf_any_lora and pw._lmf_host_shortcuts(x):
         return None
     if pw._lmf_dead(x, pk[2]):  # no slot in use holds an adapter for this layer

@@ -122,6 +122,9 @@ class LoramixPunicaMixin:
         return c
 
     def _lmf_token_idx(self, n: int) -> torch.Tensor:
+        rt = self.__dict__.get("_lmf_routed")
+        if rt is not None:  # routed.py: routed tokens are -1 for the wrapper's own ops
+            return rt.named_idx(n)
         return self._token_lora_indices[:n].unsqueeze(1)
 
     def _lmf_sampler_idx(self, n: int) -> torch.Tensor:
@@ -143,6 +146,42 @@ class LoramixPunicaMixin:
         out = ops.multi_lora_expand(y2, h.view(x2.shape[0], E, R), B, ones, rank, idx)
         y2.copy_(out)
 
+    # ---------------------------------------------------------------- routed requests
+    # (routed.py: ``_lmf_routed`` is its StepState in a step whose batch uses routed slots)
+    def _lmf_routed_scoring(self) -> bool:
+        rt = self.__dict__.get("_lmf_routed")
+        return rt is not None and rt.scoring
+
+    def _lmf_routed_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                           output_slices) -> bool:
+        """Per-slice layers: the routed tokens' deltas into y (in place; the wrapper's ops see
+        those tokens as -1), or in the scoring pass their scores only. True: skip the rest."""
+        rt = self.__dict__.get("_lmf_routed")
+        if rt is None:
+            return False
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        off = 0
+        for A4, B4, n in zip(lora_a_stacked, lora_b_stacked, output_slices):
+            if rt.scoring:
+                rt.score(x2, A4[:, 0], 1)
+            else:
+                rt.add(y2[:, off:off + n], x2, A4[:, 0], B4[:, 0], 1, scale)
+            off += n
+        return rt.scoring
+
+    def _lmf_routed_packed(self, y2, x2, A, B, scale) -> bool:
+        """Packed layers: as :meth:`_lmf_routed_linear` on the packed stacks."""
+        rt = self.__dict__.get("_lmf_routed")
+        if rt is None:
+            return False
+        S = A.shape[1] // rt.R
+        if rt.scoring:
+            rt.score(x2, A, S)
+            return True
+        rt.add(y2, x2, A, B, S, scale)
+        return False
+
     # ---------------------------------------------------------------- the LoRA layers' calls
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
                         buffer=None, **kwargs):
@@ -156,6 +195,8 @@ class LoramixPunicaMixin:
             return y
         if not torch.compiler.is_compiling():
             _stats["lora_linear_calls"] += 1
+        if self._lmf_routed_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices):
+            return y  # routed.py's scoring pass: no deltas
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         idx = self._lmf_token_idx(x2.shape[0])
@@ -176,6 +217,8 @@ class LoramixPunicaMixin:
             return y2
         if not torch.compiler.is_compiling():
             _stats["packed_calls"] += 1
+        if self._lmf_routed_packed(y2, x2, A, B, scale):
+            return y2  # routed.py's scoring pass: no deltas
         E0, SR, K = A.shape
         E = self._lmf_n_slots(E0, x2)
         Ae = A[:E]
@@ -196,6 +239,8 @@ class LoramixPunicaMixin:
             return y
         if self._lmf_dead(x, lora_b_stacked):
             return y
+        if self._lmf_routed_scoring():
+            return y  # routed.py's scoring pass: no deltas
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         A4 = lora_a_stacked if lora_a_stacked.dim() == 4 else lora_a_stacked.unsqueeze(1)
@@ -223,6 +268,8 @@ class LoramixPunicaMixin:
             return y
         if self._lmf_dead(x, lora_b_stacked):
             return y
+        if self._lmf_routed_scoring():
+            return y  # routed.py's scoring pass: no deltas
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         B4 = lora_b_stacked if lora_b_stacked.dim() == 4 else lora_b_stacked.unsqueeze(1)

@@ -35,16 +35,20 @@ rank): on every module an expert targets, expert t's SpectR-aligned factors (DES
 ``adapter_model.safetensors``: without the plugin, vLLM refuses to load the folder (it would
 otherwise apply the sum of every expert, silently).
 
-How it runs (in the wrapper, punica.py's hooks call into here)
-----------------------------------------------------------------
-The wrapper's shrink GEMM already gives every token ``h[m, slot] = A_slot x``: for a routed slot
-that is ``[A*_1 x; ...; A*_n x]``, every expert's h_t, the one extra matrix product routing needs.
-For tokens whose slot is routed, the h of their own slot is multiplied by a gate ``g [S * R]``
-that is constant on each expert's block: the router's weight of the expert, 0 for the experts it
-did not select. The wrapper's usual ``multi_lora_expand`` then adds ``B_slot (g * h) =
-sum_{t selected} w_t B*_t A*_t x``, the output-space merge (SpectR eq. 13, Arrow), for routed and
-named tokens in the same call. Per output slice (q, k, v; gate, up): one routing decision per
-slice, as Hugging Face routes each projection module on its own.
+How it runs (in the wrapper; punica.py's hooks call into here)
+--------------------------------------------------------------
+In a step whose batch uses a routed slot, the wrapper's own ops (``multi_lora_add_`` / the fused
+op) see the routed tokens as slot -1, and per layer and routed slot, on that slot's tokens only
+(positions known on the host from vLLM's batch layout):
+
+    h = x_s @ A_slot.T          [T_s, S R]: [A*_1 x; ...; A*_n x] per slice, every expert's h_t,
+                                the one extra matrix product routing needs (SpectR's scoring GEMM)
+    y[tok] += (g * h) @ B_slot.T   g [T_s, S R]: per slice, constant on each expert's block: the
+                                router's weight of the expert, 0 for experts it did not select
+
+so each routed token gets ``sum_{t selected} w_t B*_t A*_t x``, the output-space merge (SpectR eq.
+13, Arrow), with one routing decision per output slice (q, k, v; gate, up), as Hugging Face
+routes each projection module on its own.
 
 - per token (``SpectR``, ``Arrow``): ``g`` comes from ``ops.spectr_topk`` over the token's h
   blocks (score ``||h_t||`` or ``|h_t[0]|``, top k, uniform or softmax weights);
@@ -57,19 +61,24 @@ slice, as Hugging Face routes each projection module on its own.
   the stored decision. As in ``PromptCached``'s scoring pass, the extra cost is one base forward
   of that step's batch; other steps cost nothing extra.
 
-Host syncs: none per layer or per step. The host facts used (which slots hold routed adapters,
-which requests are prompt-routed and where their tokens are) come from vLLM's own host-side
-mapping (``lora_index_to_id``, the input batch's request ids and scheduled token counts). The
-block ranks of a routed slot are computed on the device once per (stack, slot, adapter), in the
-first forward that uses it; the decision is a device tensor, never read back.
+Host syncs: none. The host facts used (which slots hold routed adapters, where each routed
+slot's tokens are, which requests start their prompt) come from vLLM's own host-side state
+(``lora_index_to_id``, the input batch's request ids, scheduled and computed token counts), once
+per step in :func:`step`, which also copies a few small index tensors to the device (a
+host-to-device copy, no sync). The block ranks of a routed slot are computed on the device once
+per (stack, slot, adapter) in the first forward that uses it; decisions stay device tensors.
 
-Limits (errors say so, nothing falls back silently): prompt routing needs the whole prompt in one
-step (no chunked prefill of a prompt-routed request: raise ``max_num_batched_tokens``) and an eager
-model (``enforce_eager=True``: the double forward wraps the model's ``forward``); the fused mode
-runs routed batches through vLLM's base GEMM plus the packed deltas (the fused op has no h to
-gate); ``merge="factor"`` and ``PromptCached(scope="module")`` are not supported; vLLM pads every
-slot to ``max_lora_rank``, so a routed adapter of rank n * r raises the cost of every slot's
-shrink and expand to that rank.
+Limits (each an error that says so; nothing falls back silently): routed requests need an eager
+model (``enforce_eager=True``: the per-step routing state is host Python, not part of a compiled
+graph), no tensor parallelism and no fully sharded LoRA; prompt routing needs the whole prompt in
+one step (a prompt split by chunked prefill or partly served from the prefix cache is refused:
+raise ``max_num_batched_tokens``, disable prefix caching); the fused mode runs batches with
+routed requests through vLLM's base GEMM plus the packed deltas (the fused op has no h to gate);
+``merge="factor"`` and ``PromptCached(scope="module")`` are not supported. vLLM pads every slot
+to ``max_lora_rank``, so serving a routed adapter of rank n * r raises ``max_lora_rank`` (and
+every slot's padded stacks) to at least that. A routed request costs, per layer, one ``[T_s, K] x [K, S R]`` and one
+``[T_s, S R] x [S R, N]`` GEMM on its tokens; a step that starts a prompt-routed request runs
+the model twice.
 """
 from __future__ import annotations
 
@@ -372,3 +381,352 @@ def apply_gates(h3: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor) -> tor
     sel = slot.clamp(0, E - 1).long().view(T, 1, 1).expand(T, 1, SR)
     own = torch.gather(h3, 1, sel)  # [T, 1, SR]
     return h3.scatter(1, sel, own * gate.to(h3.dtype)[:, None])
+
+
+# ---------------------------------------------------------------------------------- in vLLM
+# Per process (vLLM's worker): routed adapters by lora_int_id (registered when vLLM loads their
+# folder), and the model-scope decisions by request id.
+_ROUTED: dict[int, RoutedSpec] = {}
+_DECISIONS: dict[str, tuple] = {}  # req_id -> (lora_int_id, idx [k] int32, w [k] float32)
+_EAGER = {"ok": True}  # False when the worker's model runs compiled (routed requests refused)
+_MAX_CACHE = 4096
+
+
+class _Scoring:
+    """The model-scope scoring pass of one step, for one routed slot: per scoring request, the
+    sum over modules of each module's prompt-mean normalised scores."""
+
+    def __init__(self, spec, wtok, n_rows, device):
+        self.spec = spec
+        self.wtok = wtok  # [T_s] float32: 1 / prompt length on the slot's scoring tokens, else 0
+        self.total = torch.zeros(n_rows + 1, spec.n, dtype=torch.float32, device=device)
+        self.modules = torch.zeros((), dtype=torch.int64, device=device)
+
+
+class StepState:
+    """What the wrapper needs in one step whose batch uses routed slots (host facts and small
+    device tensors), built by :func:`step` from vLLM's host-side batch layout and kept on the
+    wrapper as ``_lmf_routed`` (None in a step without routed slots).
+
+    slots: {slot: (lora_int_id, RoutedSpec)}; tok: {slot: [T_s] int64 positions of its tokens};
+    R: vLLM's max_lora_rank; scoring: True during the model-scope scoring pass.
+
+    The wrapper's own ops see the routed tokens as slot -1 (:meth:`named_idx`); :meth:`add`
+    adds the routed tokens' deltas: per routed slot, ``h = x_s @ A[s].T`` on its tokens only
+    (every expert's h_t), the gates (per token: ``token_gates``; model scope: the request's
+    decision), ``y[tok] += (g * h) @ B[s].T``."""
+
+    def __init__(self, pw, slots, tok, max_rank, T, device):
+        self.pw, self.slots, self.tok, self.R, self.T = pw, slots, tok, max_rank, T
+        self.device = device
+        self.scoring = False
+        self.score_state: dict[int, _Scoring] = {}  # slot -> scoring accumulator
+        self.pending: dict[int, list] = {}  # slot -> [(req_id, row)] requests to decide
+        self.model_rows: dict[int, tuple] = {}  # slot -> (rows [T_s] int64, [(req_id, row)])
+        self._maps: dict = {}  # (slot, S, R) -> model-scope gate [T_s, S R]
+        self._named: dict = {}  # n -> slot ids [n, 1] with the routed tokens at -1
+        self._routed_pos = torch.cat(list(tok.values())) if tok else None
+
+    def named_idx(self, n: int) -> torch.Tensor:
+        """The step's slot ids [n, 1] int32 with every routed token's id set to -1 (the
+        wrapper's ops add the named adapters' deltas only; :meth:`add` adds the routed ones)."""
+        c = self._named.get(n)
+        if c is None:
+            ids = self.pw._token_lora_indices[:n].clone()
+            pos = self._routed_pos
+            ids[pos[pos < n]] = -1
+            c = self._named[n] = ids.unsqueeze(1)
+        return c
+
+    # -- ranks of a routed slot's expert blocks, once per (stack, slot, adapter)
+    def ranks(self, A: torch.Tensor, s: int, S: int) -> torch.Tensor:
+        lora_id, spec = self.slots[s]
+        cache = self.pw.__dict__.setdefault("_lmf_routed_ranks", {})
+        key = (A.data_ptr(), tuple(A.shape), s, lora_id, S)
+        r = cache.get(key)
+        if r is None:
+            if len(cache) > _MAX_CACHE:
+                cache.clear()
+            r = cache[key] = block_ranks(A[s], S, spec)
+        return r
+
+    def add(self, y2, x2, A, B, S: int, scale) -> None:
+        """y2 [T, N] (a column slice of y, updated in place) += the routed tokens' deltas;
+        x2 [T, K]; A [E, S R, K], B [E, N, S R] the slots' stacks (vLLM's storage); scale: a
+        float or [E] tensor (vLLM folds the scaling into B: 1)."""
+        E = A.shape[0]
+        for s, (lora_id, spec) in self.slots.items():
+            if s >= E:
+                continue
+            tok = self.tok[s]
+            xs = x2.index_select(0, tok)
+            As, Bs = A[s], B[s]
+            if As.dtype != xs.dtype:
+                As, Bs = As.to(xs.dtype), Bs.to(xs.dtype)
+            h = torch.mm(xs, As.t())  # [T_s, S R]: every expert's h_t
+            if spec.scope == "token":
+                g = token_gates(h, self.ranks(A, s, S), spec)
+            else:
+                g = self._model_gate(s, S, A.shape[1] // S, spec)
+            sc = scale if isinstance(scale, (int, float)) else scale[s]
+            d = torch.mm(h * (g * sc).to(h.dtype), Bs.t())  # [T_s, N]
+            y2.index_add_(0, tok, d.to(y2.dtype))
+
+    def _model_gate(self, s, S, R, spec):
+        key = (s, S, R)
+        g = self._maps.get(key)
+        if g is None:
+            rows, reqs = self.model_rows[s]
+            k = spec.k
+            D_idx = torch.zeros(len(reqs) + 1, k, dtype=torch.int32, device=self.device)
+            D_w = torch.zeros(len(reqs) + 1, k, dtype=torch.float32, device=self.device)
+            for req_id, row in reqs:
+                _, idx, w = _DECISIONS[req_id]
+                D_idx[row], D_w[row] = idx, w
+            g = self._maps[key] = gate_of_decision(D_idx[rows], D_w[rows], S, R, spec)
+        return g
+
+    def score(self, x2: torch.Tensor, A: torch.Tensor, S: int) -> None:
+        """The scoring pass at one layer: x2 [T, K], A [E, S R, K]."""
+        for s, sc in self.score_state.items():
+            if s >= A.shape[0]:
+                continue
+            rows = self.model_rows[s][0]
+            h = torch.mm(x2.index_select(0, self.tok[s]), A[s].to(x2.dtype).t())  # [T_s, S R]
+            sco, mods = prompt_scores(h, self.ranks(A, s, S), sc.spec)
+            sc.total.index_add_(0, rows, sco * sc.wtok[:, None])
+            sc.modules += mods
+
+    def decide(self) -> None:
+        """After the scoring pass: store each scoring request's decision (device tensors)."""
+        for s, sc in self.score_state.items():
+            lora_id = self.slots[s][0]
+            for req_id, row in self.pending[s]:
+                idx, w = prompt_decision(sc.total[row:row + 1], sc.modules.view(1), sc.spec)
+                _DECISIONS[req_id] = (lora_id, idx[0], w[0])
+        self.score_state.clear()
+        self.pending.clear()
+        self._maps.clear()
+
+    @property
+    def needs_scoring(self) -> bool:
+        return bool(self.score_state)
+
+
+def step(runner, input_batch, num_scheduled_tokens) -> None:
+    """Called after vLLM's ``set_active_loras`` (every step; host lists only): sets each
+    loramix_fast wrapper's ``_lmf_routed`` to a :class:`StepState` when the batch uses a routed
+    slot, else None, and plans the scoring pass of model-scope requests that start their
+    prompt in this step."""
+    mgr = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+    if mgr is None:
+        return
+    from .punica import LoramixPunicaMixin
+
+    wrappers = [w for w in mgr.punica_wrapper_mapping.values()
+                if isinstance(w, LoramixPunicaMixin)]
+    for w in wrappers:
+        w._lmf_routed = None
+    n = input_batch.num_reqs
+    req_ids = list(input_batch.req_ids[:n])
+    lora_of = [int(x) for x in input_batch.request_lora_mapping[:n]]
+    counts = [int(c) for c in num_scheduled_tokens[:n]]
+    live = set(input_batch.req_id_to_index)
+    for r in [r for r in _DECISIONS if r not in live]:  # finished or preempted requests
+        del _DECISIONS[r]
+    slots = {s: (i, _ROUTED[i]) for s, i in enumerate(mgr.lora_index_to_id)
+             if i is not None and i in _ROUTED and i in lora_of}
+    if not slots or not wrappers:
+        return
+    if not _EAGER["ok"]:
+        raise RuntimeError("loramix_fast routed requests need an eager model "
+                           "(LLM(..., enforce_eager=True)): the routing is not in vLLM's "
+                           "compiled graph")
+    cfg = runner.lora_config
+    if getattr(cfg, "fully_sharded_loras", False):
+        raise RuntimeError("loramix_fast routed requests do not support fully_sharded_loras=True")
+    tp = getattr(getattr(getattr(runner, "vllm_config", None), "parallel_config", None),
+                 "tensor_parallel_size", 1)
+    if tp != 1:
+        raise RuntimeError(f"loramix_fast routed requests need tensor_parallel_size=1, got {tp}")
+    T = sum(counts)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    computed = [int(c) for c in input_batch.num_computed_tokens_cpu[:n]]
+    prompt_len = [int(c) for c in input_batch.num_prompt_tokens[:n]]
+    plan = {}
+    for s, (lora_id, spec) in slots.items():
+        pos, rows, wtok, reqs, score_reqs = [], [], [], [], []
+        for j in range(n):
+            if lora_of[j] != lora_id:
+                continue
+            c = counts[j]
+            row = len(reqs) + 1
+            reqs.append((req_ids[j], row))
+            pos.extend(range(starts[j], starts[j] + c))
+            rows.extend([row] * c)
+            scoring = spec.scope == "model" and computed[j] == 0
+            if spec.scope == "model":
+                if computed[j] == 0 and c != prompt_len[j]:
+                    raise RuntimeError(
+                        f"loramix_fast: request {req_ids[j]!r} (prompt-routed adapter {lora_id})"
+                        f" has its {prompt_len[j]}-token prompt split over steps ({c} tokens "
+                        "now); model-scope routing needs the whole prompt in one step: raise "
+                        "max_num_batched_tokens or disable chunked prefill")
+                if computed[j] > 0 and req_ids[j] not in _DECISIONS:
+                    raise RuntimeError(
+                        f"loramix_fast: request {req_ids[j]!r} (prompt-routed adapter {lora_id})"
+                        " has no routing decision: its prompt was not scored in one step (a "
+                        "prefix-cache hit skips part of it: disable prefix caching for "
+                        "prompt-routed requests)")
+                if scoring:
+                    score_reqs.append((req_ids[j], row))
+            wtok.extend([1.0 / c if scoring else 0.0] * c)
+        plan[s] = (pos, rows, wtok, reqs, score_reqs)
+    for w in wrappers:
+        dev = w.device
+        tok = {s: torch.tensor(p[0], dtype=torch.int64, device=dev) for s, p in plan.items()}
+        st = StepState(w, slots, tok, int(runner.lora_config.max_lora_rank), T, dev)
+        for s, (pos, rows, wtok, reqs, score_reqs) in plan.items():
+            if slots[s][1].scope != "model":
+                continue
+            st.model_rows[s] = (torch.tensor(rows, dtype=torch.int64, device=dev), reqs)
+            if score_reqs:
+                st.score_state[s] = _Scoring(slots[s][1], torch.tensor(
+                    wtok, dtype=torch.float32, device=dev), len(reqs), dev)
+                st.pending[s] = score_reqs
+        w._lmf_routed = st
+
+
+def _routed_forward(model, orig):
+    """The model's forward: with a model-scope routed request starting its prompt, a scoring pass
+    (every LoRA delta off) first, then the real forward with the decisions."""
+    import functools
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        states = [w._lmf_routed for w in _wrappers_of(model)
+                  if getattr(w, "_lmf_routed", None) is not None]
+        todo = [st for st in states if st.needs_scoring]
+        if todo:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("loramix_fast: prompt-routed requests need an eager model "
+                                   "(enforce_eager=True)")
+            for st in todo:
+                st.scoring = True
+            try:
+                with torch.no_grad():
+                    orig(*args, **kwargs)
+            finally:
+                for st in todo:
+                    st.scoring = False
+            for st in todo:
+                st.decide()
+        return orig(*args, **kwargs)
+
+    forward._loramix_routed = True
+    return forward
+
+
+def _wrappers_of(model):
+    mgr = getattr(model, "lora_manager", None)
+    if mgr is None:
+        return []
+    return list(mgr.punica_wrapper_mapping.values())
+
+
+def _load_routed(cls, orig, lora_dir, expected_lora_modules, peft_helper, **kwargs):
+    """``LoRAModel.from_local_checkpoint`` for a routed adapter folder: its weights file, then
+    vLLM's own ``from_lora_tensors``; registers the adapter's routing by lora_int_id."""
+    from safetensors.torch import load_file
+
+    spec = read_routed_config(lora_dir)
+    lora_id = kwargs.get("lora_model_id")
+    if spec is None:
+        _ROUTED.pop(lora_id, None)
+        return orig(lora_dir, expected_lora_modules, peft_helper, **kwargs)
+    if not _EAGER["ok"]:
+        raise ValueError(f"loramix_fast: routed adapter {lora_dir!r} needs an eager model "
+                         "(LLM(..., enforce_eager=True))")
+    if lora_id is None:
+        raise ValueError(f"loramix_fast: routed adapter {lora_dir!r} loaded without a lora id")
+    tensors = load_file(os.path.join(lora_dir, WEIGHTS_NAME), device="cpu")
+    bad = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
+                 - set(expected_lora_modules))
+    if bad:
+        raise ValueError(f"loramix_fast: routed adapter {lora_dir!r} targets {bad}, which this "
+                         f"model's LoRA does not support ({sorted(expected_lora_modules)})")
+    keep = ("device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes")
+    lora = cls.from_lora_tensors(lora_model_id=lora_id, tensors=tensors, peft_helper=peft_helper,
+                                 **{k: v for k, v in kwargs.items() if k in keep})
+    _ROUTED[lora_id] = spec
+    log.info("loramix_fast: routed adapter %d (%s over %s, scope %s) from %s", lora_id,
+             spec.kind, list(spec.experts), spec.scope, lora_dir)
+    return lora
+
+
+def install() -> None:
+    """Patch vLLM for routed requests (idempotent): the adapter loader (routed folders), the
+    model runner's ``set_active_loras`` (the per-step routed state) and ``load_lora_model`` (the
+    model's forward gets the scoring pass; eager or not)."""
+    import functools
+
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin as Mixin
+
+    f = LoRAModel.__dict__["from_local_checkpoint"]
+    if not getattr(f.__func__, "_loramix_routed", False):
+        orig_load = f.__func__
+
+        def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs):
+            return _load_routed(cls, functools.partial(orig_load, cls), lora_dir,
+                                expected_lora_modules, peft_helper, **kwargs)
+        from_local_checkpoint._loramix_routed = True
+        LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+
+    if not getattr(Mixin.set_active_loras, "_loramix_routed", False):
+        orig_set = Mixin.set_active_loras
+
+        @functools.wraps(orig_set)
+        def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
+            out = orig_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
+            step(self, input_batch, num_scheduled_tokens)
+            return out
+        set_active_loras._loramix_routed = True
+        Mixin.set_active_loras = set_active_loras
+
+        orig_private = Mixin._set_active_loras
+
+        @functools.wraps(orig_private)
+        def _set_active_loras(self, *args, **kwargs):
+            mgr = getattr(getattr(self, "lora_manager", None), "_adapter_manager", None)
+            if mgr is not None:  # dummy runs call this directly: no routed state there
+                for w in mgr.punica_wrapper_mapping.values():
+                    w._lmf_routed = None
+            return orig_private(self, *args, **kwargs)
+        _set_active_loras._loramix_routed = True
+        Mixin._set_active_loras = _set_active_loras
+
+    if not getattr(Mixin.load_lora_model, "_loramix_routed", False):
+        orig_model = Mixin.load_lora_model
+
+        @functools.wraps(orig_model)
+        def load_lora_model(self, model, vllm_config, *args, **kwargs):
+            out = orig_model(self, model, vllm_config, *args, **kwargs)
+            _EAGER["ok"] = _is_eager(vllm_config)
+            fwd = out.forward
+            if not getattr(fwd, "_loramix_routed", False):
+                out.forward = _routed_forward(out, fwd)
+            return out
+        load_lora_model._loramix_routed = True
+        Mixin.load_lora_model = load_lora_model
+
+
+def _is_eager(vllm_config) -> bool:
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is not None and getattr(mc, "enforce_eager", False):
+        return True
+    cc = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(cc, "mode", None)
+    return mode is not None and int(mode) == 0

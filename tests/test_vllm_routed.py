@@ -1,0 +1,157 @@
+"""Routed requests through the vLLM plugin (loramix_fast/integrations/vllm/routed.py), on a real
+offline ``vllm.LLM`` (CPU build, fp32), against plain Hugging Face + loramix_fast.
+
+A tiny random Llama saved to a folder, three real peft adapters (``save_pretrained``,
+``init_lora_weights=False``: rank 8 everywhere, rank 4 everywhere, rank 8 on q/v/down only), and
+four routed adapters over those three written by ``write_routed_adapter``: SpectR top-2 per token,
+Arrow top-2 per token, PromptCached(Arrow top-1, scope="model") and PromptCached(SpectR top-2,
+softmax, scope="model"). One greedy batch mixes routed, named-adapter and base requests (every
+slot of ``max_loras=7`` in use); a second batch holds only the named and base requests. Every
+request must give the tokens of HF generate: peft for named / base requests, ``lmf.patch(model,
+AdapterLibrary.from_peft(experts), router=<the same router>)`` for routed ones; named and base
+requests give the same tokens with and without routed neighbours. The engine runs in a fresh
+process of the vLLM venv (tests/vllm_engine_run.py). Skipped, with the reason, without that venv.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PY = Path(os.environ.get("LORAMIX_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+_READY = (VLLM_PY.exists() if "LORAMIX_VLLM_PYTHON" in os.environ
+          else (ROOT / ".venv-vllm" / ".loramix-vllm-installed").exists())
+
+if not _READY:
+    pytest.skip(f"vLLM integration tests need the vLLM venv ({VLLM_PY.parent.parent} is missing "
+                f"or incomplete): run `make vllm-env` to build it", allow_module_level=True)
+
+RUNNER = Path(__file__).resolve().parent / "vllm_engine_run.py"
+MAX_TOKENS = 10
+# request -> adapter (None: base); routed adapters are named r_*
+NAMES = ["r_spectr", "a", None, "r_arrow", "r_prompt_arrow", "b", "r_spectr", "c",
+         "r_prompt_spectr", None, "r_arrow", "r_prompt_arrow", "a"]
+MIXED = list(range(len(NAMES)))
+PLAIN = [i for i, n in enumerate(NAMES) if n is None or not n.startswith("r_")]
+
+
+def _routers():
+    import loramix_fast as lmf
+
+    return {"r_spectr": lmf.SpectR(top_k=2),
+            "r_arrow": lmf.Arrow(top_k=2, temperature=0.5),
+            "r_prompt_arrow": lmf.PromptCached(lmf.Arrow(top_k=1), scope="model"),
+            "r_prompt_spectr": lmf.PromptCached(lmf.SpectR(top_k=2, weighting="softmax"),
+                                                scope="model")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import loramix_fast as lmf
+    from loramix_fast import _cpp
+    from loramix_fast.integrations.vllm.routed import write_routed_adapter
+    from loramix_fast.testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
+
+    _cpp.load()
+    d = tmp_path_factory.mktemp("vllm_routed")
+    model = tiny_model("llama", hidden=128, layers=2, vocab=256, heads=4, kv_heads=2,
+                       intermediate=256, init_range=0.1)
+    model.save_pretrained(d / "model")
+    specs = [AdapterSpec("a", r=8, seed=1), AdapterSpec("b", r=4, seed=2),
+             AdapterSpec("c", r=8, seed=3, targets=["q_proj", "v_proj", "down_proj"])]
+    experts = write_peft_adapters(model, specs, str(d / "adapters"))
+    dirs = dict(experts)
+    infos = {}
+    for name, router in _routers().items():
+        infos[name] = write_routed_adapter(d / "routed" / name, experts, router)
+        dirs[name] = infos[name]["folder"]
+    assert {i["max_lora_rank"] for i in infos.values()} == {32}
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (3 + (i * 5) % 11,), generator=g).tolist()
+               for i in range(len(NAMES))]
+    pm = peft_multi(model, experts)
+    pm.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
+    routed_models = {}
+    for name, router in _routers().items():
+        m = copy.deepcopy(model)
+        m.generation_config.eos_token_id = None
+        lmf.patch(m, lmf.AdapterLibrary.from_peft(experts), router=router)
+        routed_models[name] = m
+    ref = {}
+    for i, (prompt, name) in enumerate(zip(prompts, NAMES)):
+        ids = torch.tensor([prompt])
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  max_new_tokens=MAX_TOKENS, pad_token_id=0)
+        with torch.no_grad():
+            if name is None:
+                with pm.disable_adapter():
+                    out = pm.generate(**kw)
+            elif name.startswith("r_"):
+                out = routed_models[name].generate(**kw)
+            else:
+                pm.set_adapter(name)
+                out = pm.generate(**kw)
+        ref[i] = out[0, len(prompt):].tolist()
+        assert len(ref[i]) == MAX_TOKENS
+    # the routed requests are not one of the experts in disguise: each differs from every expert
+    # alone and from the base model on at least one prompt
+    return {"dir": d, "model": str(d / "model"), "adapters": dirs, "experts": experts,
+            "prompts": prompts, "ref": ref, "pm": pm}
+
+
+def _engine(setup, mode: str, tag: str) -> dict:
+    spec = {"model": setup["model"], "adapters": {k: str(v) for k, v in setup["adapters"].items()},
+            "max_loras": 7, "max_lora_rank": 32,
+            "requests": [[p, n] for p, n in zip(setup["prompts"], NAMES)],
+            "max_tokens": MAX_TOKENS, "batches": [MIXED, PLAIN], "mode": mode,
+            "multiprocessing": False}
+    spec_path, out_path = setup["dir"] / f"spec_{tag}.json", setup["dir"] / f"out_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAMIX_VLLM"))}
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([str(VLLM_PY), str(RUNNER), str(spec_path), str(out_path)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=str(setup["dir"]))
+    assert p.returncode == 0, f"vLLM engine ({tag}) failed:\n{p.stderr[-8000:]}"
+    out = json.loads(out_path.read_text())
+    mixed, plain = out["tokens"]
+    out["mixed"] = dict(zip(MIXED, mixed))
+    out["plain"] = dict(zip(PLAIN, plain))
+    print(f"engine {tag}: {out['seconds']}")
+    return out
+
+
+def test_routed_requests_match_hf_routers(setup):
+    out = _engine(setup, "", "default")
+    (w,) = out["workers"]
+    assert w["wrapper"] == ["loramix_fast.integrations.vllm.punica.PunicaWrapperLoramixCPU"]
+    ref, got = setup["ref"], out["mixed"]
+    bad = {i: (NAMES[i], got[i], ref[i]) for i in MIXED if got[i] != ref[i]}
+    assert not bad, f"tokens differ from HF (request: adapter, vLLM, HF): {bad}"
+    # named and base requests: the same tokens without routed neighbours
+    assert {i: got[i] for i in PLAIN} == out["plain"]
+    # routing mattered: each routed request differs from what each expert alone and the base
+    # model give on its prompt in at least one of the routed kinds (checked against HF + peft)
+    pm = setup["pm"]
+    differs = 0
+    for i, name in enumerate(NAMES):
+        if name is None or not name.startswith("r_"):
+            continue
+        ids = torch.tensor([setup["prompts"][i]])
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  max_new_tokens=MAX_TOKENS, pad_token_id=0)
+        alone = []
+        with torch.no_grad():
+            with pm.disable_adapter():
+                alone.append(pm.generate(**kw)[0, ids.shape[1]:].tolist())
+            for e in ("a", "b", "c"):
+                pm.set_adapter(e)
+                alone.append(pm.generate(**kw)[0, ids.shape[1]:].tolist())
+        differs += all(got[i] != a for a in alone)
+    assert differs >= 3, f"only {differs} routed requests differ from every expert alone and base"
