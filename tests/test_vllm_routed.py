@@ -9,8 +9,11 @@ softmax, scope="model"). One greedy batch mixes routed, named-adapter and base r
 slot of ``max_loras=7`` in use); a second batch holds only the named and base requests. Every
 request must give the tokens of HF generate: peft for named / base requests, ``lmf.patch(model,
 AdapterLibrary.from_peft(experts), router=<the same router>)`` for routed ones; named and base
-requests give the same tokens with and without routed neighbours. The engine runs in a fresh
-process of the vLLM venv (tests/vllm_engine_run.py). Skipped, with the reason, without that venv.
+requests give the same tokens with and without routed neighbours; the worker's counters show the
+plugin loaded the routed folders, ran the routed path and the prompt scoring pass. The engine runs
+in a fresh process of the vLLM venv (tests/vllm_engine_run.py). Plus a layer-level check of the
+wrapper's routed hooks (tests/vllm_routed_wrapper_check.py). Skipped, with the reason, without
+that venv.
 """
 from __future__ import annotations
 
@@ -131,6 +134,13 @@ def test_routed_requests_match_hf_routers(setup):
     out = _engine(setup, "", "default")
     (w,) = out["workers"]
     assert w["wrapper"] == ["loramix_fast.integrations.vllm.punica.PunicaWrapperLoramixCPU"]
+    st = w["stats"]
+    # the four routed folders went through the plugin's loader; the routed path ran in every
+    # packed layer (8) of every step of the mixed batch; one scoring pass per step that started
+    # prompt-routed requests (the mixed batch's first step at least)
+    assert st["routed_adapters_loaded"] == 4
+    assert st["routed_calls"] >= 8 * MAX_TOKENS
+    assert st["scoring_passes"] >= 1
     ref, got = setup["ref"], out["mixed"]
     bad = {i: (NAMES[i], got[i], ref[i]) for i in MIXED if got[i] != ref[i]}
     assert not bad, f"tokens differ from HF (request: adapter, vLLM, HF): {bad}"
@@ -155,3 +165,18 @@ def test_routed_requests_match_hf_routers(setup):
                 alone.append(pm.generate(**kw)[0, ids.shape[1]:].tolist())
         differs += all(got[i] != a for a in alone)
     assert differs >= 3, f"only {differs} routed requests differ from every expert alone and base"
+
+
+def test_routed_wrapper_hooks_layer_level():
+    """The wrapper's routed hooks (per-slice and packed layers, per-token routing and a stored
+    model-scope decision, the scoring pass) against a per-token float64 reference
+    (tests/vllm_routed_wrapper_check.py)."""
+    p = subprocess.run([str(VLLM_PY), str(Path(__file__).resolve().parent /
+                                          "vllm_routed_wrapper_check.py")],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT / "tests"))
+    assert p.returncode == 0, p.stderr[-6000:]
+    err = json.loads(p.stdout.strip().splitlines()[-1])
+    assert err.pop("scoring_pass_untouched") == 0.0  # the scoring pass adds no delta at all
+    assert err.pop("scoring_modules") == 4  # 2 slices, per-slice and packed calls
+    assert err.pop("scoring_total_positive") is True
+    assert all(v < 1e-4 for v in err.values()), err

@@ -455,6 +455,7 @@ class StepState:
         x2 [T, K]; A [E, S R, K], B [E, N, S R] the slots' stacks (vLLM's storage); scale: a
         float or [E] tensor (vLLM folds the scaling into B: 1)."""
         E = A.shape[0]
+        _count("routed_calls")
         for s, (lora_id, spec) in self.slots.items():
             if s >= E:
                 continue
@@ -623,10 +624,19 @@ def _routed_forward(model, orig):
                     st.scoring = False
             for st in todo:
                 st.decide()
+            _count("scoring_passes")
         return orig(*args, **kwargs)
 
     forward._loramix_routed = True
     return forward
+
+
+def _count(key: str) -> None:
+    """Per-process counters in the plugin's ``stats()`` (host ints)."""
+    from . import _stats
+
+    if not torch.compiler.is_compiling():
+        _stats[key] = _stats.get(key, 0) + 1
 
 
 def _wrappers_of(model):
@@ -661,6 +671,7 @@ def _load_routed(cls, orig, lora_dir, expected_lora_modules, peft_helper, **kwar
     lora = cls.from_lora_tensors(lora_model_id=lora_id, tensors=tensors, peft_helper=peft_helper,
                                  **{k: v for k, v in kwargs.items() if k in keep})
     _ROUTED[lora_id] = spec
+    _count("routed_adapters_loaded")
     log.info("loramix_fast: routed adapter %d (%s over %s, scope %s) from %s", lora_id,
              spec.kind, list(spec.experts), spec.scope, lora_dir)
     return lora
