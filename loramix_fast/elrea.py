@@ -243,11 +243,18 @@ def _base_seed(seed: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1  # [256, 8]
+
+
 def _rademacher_block(seed: int, k: int, rows: int, d_proj: int, dtype, device) -> torch.Tensor:
-    """Rows ``[k * PROJECTION_BLOCK, k * PROJECTION_BLOCK + rows)`` of R: [rows, d_proj] of +-1."""
+    """Rows ``[k * PROJECTION_BLOCK, k * PROJECTION_BLOCK + rows)`` of R: [rows, d_proj] of +-1.
+    Block k is always drawn whole (PROJECTION_BLOCK x d_proj signs, 8 per uniform random byte:
+    bit j of byte i is entry 8 i + j, 1 -> +1, 0 -> -1), then cut to ``rows``."""
     g = torch.Generator().manual_seed((_base_seed(seed) + k) % 2 ** 32)
-    r = torch.empty(rows, d_proj, dtype=torch.float32).bernoulli_(0.5, generator=g)
-    return r.mul_(2).sub_(1).to(device=device, dtype=dtype)
+    n = PROJECTION_BLOCK * d_proj
+    byte = torch.empty((n + 7) // 8, dtype=torch.uint8).random_(generator=g)
+    r = F.embedding(byte.long(), _SIGNS).view(-1)[:n].view(PROJECTION_BLOCK, d_proj)[:rows]
+    return r.to(device=device, dtype=dtype)
 
 
 def _check_proj(d_proj, chunk_rows):
