@@ -200,11 +200,165 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
             add(f"learned routing ({init} init)", _nll_forward(model, tb),
                 lambda: _em_single(model, tok, test), 1, fit)
             lmf.set_router(model, None)
+        _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps)
     finally:
         lmf.unpatch(model)
     meta = dict(machine=machine(), load=load_line(load0), n_test=n_test, n_train=n_train,
                 steps=steps, em=em, tasks=tasks, seconds=time.perf_counter() - t_all)
     return rows, meta
+
+
+def _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps):
+    """The ELREA rows (issue 10 item 6): ELREA's own experts from its own clusters of the pooled
+    training data, not the task experts. A base adapter (rank 8 on the experts' modules) trains
+    ``steps`` Adam steps on the pooled training batches (answer NLL); gradient features of every
+    training question (the question's tokens only, eq. 2; Adam form with the base adapter's
+    optimizer state at two checkpoints, eqs. 5-7; projected to 256 dims); BIRCH into
+    ``len(tasks)`` clusters with rebalancing; one expert per cluster trained from the base adapter
+    (``steps`` Adam steps, all clusters in one mixed batch); then per test question the features,
+    cosines to the centroids and eq. 9's weights, and three ways to use them: the logit-level
+    ensemble of the base adapter and the cluster experts (eq. 10), the MoE routing baseline
+    (eq. 11: the same weights mixing the same adapters in output space in every module) and the
+    MoE merging baseline (one factor-space merge per question with the same weights)."""
+    from loramix_fast import elrea as EL
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def batches(ex, size=16):
+        out = []
+        for i in range(0, len(ex), size):
+            chunk = ex[i:i + size]
+            ids, att, lab = RE._batch(tok, [(q, a) for _, q, a in chunk], pad)
+            im = torch.zeros_like(ids)
+            for r, (_, q, _) in enumerate(chunk):
+                p, m = RE.question_span(tok, q)
+                assert ids[r, :len(p)].tolist() == p  # the prompt is the sequence's prefix
+                im[r, :len(p)] = torch.tensor(m, dtype=torch.long)
+            out.append({"input_ids": ids, "attention_mask": att, "labels": lab,
+                        "instruction_mask": im})
+        return out
+
+    def answer_nll(b, names):
+        ids, att = b["input_ids"], b["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=att, adapter_names=names).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        k = _keep(b)
+        return -(lp * k).sum() / k.sum()
+
+    train_b, test_b = batches(train), batches(test)
+    base = "elrea_base"
+    added = [base]
+    t0 = time.perf_counter()
+    try:
+        lib.add_new(base, model, lmf.LoRASpec(r=8, alpha=16, target_modules=RE.TARGET_MODULES),
+                    seed=0)
+        opt = torch.optim.Adam(lib.parameters([base]), lr=2e-3)
+        ckpts, states = [], []
+        for s in range(steps):  # the base adapter: pooled data, a few steps
+            b = train_b[s % len(train_b)]
+            opt.zero_grad()
+            answer_nll(b, [base] * b["input_ids"].shape[0]).backward()
+            opt.step()
+            if s + 1 in (max(1, steps // 2), steps):  # two checkpoints (one when steps == 1)
+                if s + 1 not in [c[0] for c in ckpts]:
+                    ckpts.append((s + 1, {m: lmf.LoRAFactors(f.A.detach().clone(),
+                                                             f.B.detach().clone(), f.scale)
+                                          for m, f in lib.factors(base).items()}))
+                    states.append(EL.adam_state(opt, lib, base))
+        lib.freeze([base])
+        el = EL.ELREA(model, lib, base, d_proj=256, seed=0, checkpoints=[c for _, c in ckpts],
+                      optimizer_states=states, n_clusters=len(tasks), threshold=0.5)
+        el.fit(train_b, steps=steps, lr=2e-3, rows_per_cluster=max(1, 16 // len(tasks)))
+        added += el.cluster_names
+        fit = time.perf_counter() - t0
+        C = len(el.cluster_names)
+        sizes = "/".join(str(int(n)) for n in torch.bincount(el.labels).tolist())
+        # how the clusters line up with the (unseen) task labels
+        purity = sum(max(sum(1 for (t, _, _), c in zip(train, el.labels.tolist())
+                             if c == k and t == task) for task in tasks)
+                     for k in range(C)) / len(train)
+        t1 = time.perf_counter()
+        w = el.weights(test_b)  # [N_test, 1 + C], base first
+        feat_ms = 1e3 * (time.perf_counter() - t1) / len(test)
+        note = (f"C={C} sizes {sizes} purity {purity:.2f}; + features {feat_ms:.0f} ms/prompt "
+                f"(fwd+bwd x{len(ckpts)} ckpts); mean w base {w[:, 0].mean():.2f}")
+
+        def rows_of(i):
+            n = test_b[i]["input_ids"].shape[0]
+            off = sum(x["input_ids"].shape[0] for x in test_b[:i])
+            return w[off:off + n]
+
+        @torch.no_grad()
+        def score(fn):
+            tot, n, secs, toks = 0.0, 0, 0.0, 0
+            for i, b in enumerate(test_b):
+                t = time.perf_counter()
+                lp = fn(b, rows_of(i))
+                secs += time.perf_counter() - t
+                toks += int(b["attention_mask"].sum())
+                k = _keep(b)
+                tot -= float(lp[k].sum())
+                n += int(k.sum())
+            return tot / n, 1e3 * secs / toks
+
+        def token_lp(b, names=None):
+            kw = {} if names is None else {"adapter_names": names}
+            ids = b["input_ids"]
+            logits = model(input_ids=ids, attention_mask=b["attention_mask"], **kw).logits
+            return torch.log_softmax(logits[:, :-1].float(), -1).gather(
+                -1, ids[:, 1:, None])[..., 0]
+
+        def routed_lp(b, wb):
+            with el.routed(wb):
+                return token_lp(b)
+
+        def merged_lp(b, wb):
+            with el.merged(wb) as names:
+                return token_lp(b, names)
+
+        @torch.no_grad()
+        def em(kind):
+            old = tok.padding_side
+            tok.padding_side = "left"
+            end_id = tok.convert_tokens_to_ids("<|im_end|>")
+            outs = []
+            try:
+                for i in range(0, len(test), 16):
+                    qs = [q for _, q, _ in test[i:i + 16]]
+                    wb = w[i:i + 16]
+                    if kind == "ensemble":
+                        enc = tok([RE.prompt_text(tok, q) for q in qs], return_tensors="pt",
+                                  padding=True, add_special_tokens=False)
+                        gen = el.generate(enc["input_ids"], weights=wb,
+                                          attention_mask=enc["attention_mask"], max_new_tokens=20,
+                                          eos_token_id=end_id, pad_token_id=pad)
+                        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                            if end_id in row:
+                                row = row[:row.index(end_id)]
+                            outs.append(tok.decode(row, skip_special_tokens=True).strip())
+                    elif kind == "routing":
+                        with el.routed(wb):
+                            outs += RE.generate_answers(model, tok, qs, None, max_new_tokens=20,
+                                                        batch=len(qs))
+                    else:
+                        with el.merged(wb) as names:
+                            outs += RE.generate_answers(model, tok, qs, names, max_new_tokens=20,
+                                                        batch=len(qs))
+            finally:
+                tok.padding_side = old
+            return RE.exact_match(outs, [a for _, _, a in test])
+
+        add("ELREA", score(lambda b, wb: el.logprobs(b["input_ids"], weights=wb,
+                                                     attention_mask=b["attention_mask"])),
+            lambda: em("ensemble"), C + 1, fit, note)
+        add("ELREA MoE routing", score(routed_lp), lambda: em("routing"), 1, fit,
+            f"eq. 11, {C + 1} adapters per token, ELREA's weights")
+        add("ELREA MoE merging", score(merged_lp), lambda: em("merging"), 1, fit,
+            "factor-space merge per prompt, ELREA's weights (ms/tok includes the merges)")
+    finally:
+        for n in added:
+            if n in lib:
+                lib.remove(n)
 
 
 def format_table(rows, meta) -> str:
@@ -224,7 +378,8 @@ def format_table(rows, meta) -> str:
         ms = "   n/a" if r["ms"] is None else f"{r['ms']:6.2f}"
         lines.append(f"{r['name']:>30} | {r['nll']:6.3f} | {em} | {r['fwd']:7d} | "
                      f"{ms} | {r['fit_s']:5.0f} | {r['note']}")
-    lines.append(f"{'ELREA':>30} | (not built yet: issue 10 item 6)")
+    if not any(r["name"].startswith("ELREA") for r in rows):
+        lines.append(f"{'ELREA':>30} | (not measured in this run)")
     by = {r["name"]: r for r in rows}
 
     def cmp(a, b, key="nll"):
