@@ -445,11 +445,9 @@ def format_table(rows: list[dict]) -> str:
 
 def write_section(table: str, path: Path = RESULTS) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head, *chunks = text.split("\n## ")
-    kept = ["## " + c.rstrip() + "\n" for c in chunks if not c.startswith(TITLE)]
-    section = f"## {TITLE}\n\n```\n{table}\n```\n"
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept + [section]))
+    from bench.common import splice_section
+
+    splice_section(TITLE, f"```\n{table}\n```", path, match=TITLE)
 
 
 def main(argv=None):

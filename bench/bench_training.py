@@ -221,15 +221,16 @@ def table(rows, load: str) -> str:
 
 
 def splice(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else ""
-    head = section.splitlines()[0]
-    if head in text:
-        a = text.index(head)
-        b = text.find("\n## ", a + 1)
-        text = text[:a] + section + ("" if b < 0 else text[b + 1:])
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Replace this run's section (same heading, thread count included) of a RESULTS.md, or add
+    it at the end."""
+    from bench.common import splice_section
+
+    heading, _, body = section.partition("\n")
+    title = heading[3:].strip()
+    old = path.read_text() if path.exists() else ""
+    titles = [c.split("\n", 1)[0].strip() for c in old.split("\n## ")[1:]]
+    nxt = titles[titles.index(title) + 1:titles.index(title) + 2] if title in titles else []
+    splice_section(title, body, path, before=nxt)
 
 
 def _load() -> str:

@@ -55,18 +55,38 @@ def load_line(before: float | None = None) -> str:
     return f"load average (1 min) {was}{now:.1f} on {os.cpu_count()} cpus"
 
 
-def write_section(title: str, table: str, path, after: str | None = None) -> None:
-    """Replace (or add) the ``## {title}`` section of a RESULTS.md with ``table`` in a code fence,
-    leaving the other sections as they are. A new section goes right after the section titled
-    ``after`` when there is one, else at the end; a replaced one moves there too."""
+def splice_section(title: str, body: str, path, *, after: str | None = None,
+                   before=(), match: str | None = None) -> None:
+    """Replace (or add) the ``## {title}`` section of a RESULTS.md with ``body`` (the markdown
+    under the heading), leaving the other sections as they are.
+
+    match: a section whose heading starts with ``match`` is the one replaced (default: the heading
+    equals ``title``), for headings that carry a varying detail such as a thread count.
+    Placement: right after the section titled ``after`` when there is one; else before the first
+    section whose title is in ``before`` (e.g. the ones bench/run_all.py lists after this one);
+    else at the end. A replaced section moves there too."""
     from pathlib import Path
 
     path = Path(path)
-    body = f"## {title}\n\n```\n{table}\n```\n"
+    section = f"## {title}\n\n{body.strip(chr(10))}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     head, *rest = text.split("\n## ")
-    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != title]
+
+    def same(h):
+        return h.startswith(match) if match is not None else h == title
+
+    kept = ["## " + c.rstrip() + "\n" for c in rest if not same(c.split("\n", 1)[0].strip())]
     titles = [k.split("\n", 1)[0][3:].strip() for k in kept]
-    pos = titles.index(after) + 1 if after in titles else len(kept)
-    kept.insert(pos, body)
+    if after in titles:
+        pos = titles.index(after) + 1
+    else:
+        later = set(before)
+        pos = next((i for i, t in enumerate(titles) if t in later), len(kept))
+    kept.insert(pos, section)
     path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+
+
+def write_section(title: str, table: str, path, after: str | None = None, before=()) -> None:
+    """Replace (or add) the ``## {title}`` section of a RESULTS.md with ``table`` in a code fence,
+    leaving the other sections as they are (placement: :func:`splice_section`)."""
+    splice_section(title, f"```\n{table}\n```", path, after=after, before=before)

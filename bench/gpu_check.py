@@ -711,10 +711,11 @@ def report(r: Runner) -> str:
 
 def splice(path: Path, section: str) -> None:
     """Replace the "GPU check" section of a RESULTS.md (or append it)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head, *chunks = text.split("\n## ")
-    kept = ["## " + c.rstrip() + "\n" for c in chunks if not c.startswith(TITLE)]
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept + [section]))
+    from bench.common import splice_section
+
+    heading, _, body = section.partition("\n")
+    assert heading == f"## {TITLE}", heading
+    splice_section(TITLE, body, path, match=TITLE)
 
 
 def main(argv=None) -> int:

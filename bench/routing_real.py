@@ -37,6 +37,7 @@ import torch
 
 import loramix_fast as lmf
 from bench import real_experts as RE
+from bench import common
 from bench.common import machine
 
 TITLE = "routing on trained SmolLM2 experts"
@@ -253,24 +254,14 @@ def format_table(rows) -> str:
 
 def write_section(table: str, path: Path = RESULTS) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
-    body = f"## {TITLE}\n\n```\n{table}\n```\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    chunks = text.split("\n## ")
-    head, rest = chunks[0], chunks[1:]
-    kept = ["## " + c.rstrip() + "\n" for c in rest if c.split("\n", 1)[0].strip() != TITLE]
     try:  # keep run_all's order when the section is registered there
         from bench.run_all import SECTIONS
 
         order = [v[1] for v in SECTIONS.values()]  # (module, title[, run kwargs])
     except Exception:
         order = []
-    titles = [k.split("\n", 1)[0][3:].strip() for k in kept]
-    pos = len(kept)
-    if TITLE in order:
-        later = set(order[order.index(TITLE) + 1:])
-        pos = next((i for i, t in enumerate(titles) if t in later), len(kept))
-    kept.insert(pos, body)
-    path.write_text("\n".join([head.rstrip() + "\n"] + kept))
+    later = order[order.index(TITLE) + 1:] if TITLE in order else ()
+    common.write_section(TITLE, table, path, before=later)
 
 
 def main(argv=None) -> int:
