@@ -306,6 +306,14 @@ def rademacher_project(G: torch.Tensor, d_proj: int, seed: int = 0, *,
 
 # ---- gradient features (eqs. 2, 5-7) ------------------------------------------------------------
 
+def _check_patched(model, lib) -> None:
+    from .patching import _state, is_patched
+
+    if not is_patched(model) or _state(model).lib is not lib:
+        raise ValueError("model must be patched with lib (lmf.patch(model, lib)): the adapter "
+                         "copies that carry the per-example gradients are added to lib")
+
+
 def gradient_features(model, lib: AdapterLibrary, adapter: str, batches: Iterable, *,
                       d_proj: int | None = None, seed: int = 0, checkpoints: Sequence | None = None,
                       optimizer_states: Sequence | None = None, normalize: bool | None = None,
@@ -346,6 +354,7 @@ def gradient_features(model, lib: AdapterLibrary, adapter: str, batches: Iterabl
     if adapter == BASE or adapter not in lib:
         raise KeyError(f"adapter must be an adapter of the library (not {BASE!r}), got "
                        f"{adapter!r}; the library has {[n for n in lib.names if n is not None]}")
+    _check_patched(model, lib)
     if d_proj is not None:
         _check_proj(d_proj, chunk_rows)
     if not isinstance(project_rows, numbers.Integral) or project_rows < 1:
@@ -420,8 +429,12 @@ def gradient_features(model, lib: AdapterLibrary, adapter: str, batches: Iterabl
                     nll = _mean_nll_rows(lp, keep.to(lp.dtype), f"batches[{i}]")
                     ts = [getattr(leaves[b][m], w) for b, m, w in order[:B * len(keys)]]
                     grads = torch.autograd.grad(nll.sum(), ts, allow_unused=True)
-                g = torch.cat([(torch.zeros_like(t) if gr is None else gr).reshape(-1)
-                               for t, gr in zip(ts, grads)]).view(B, D).to(dtype)
+                if any(gr is None for gr in grads):
+                    raise RuntimeError(
+                        f"batches[{i}]: no gradient reached the copies of adapter {adapter!r}: "
+                        "the model must be patched with this library (lmf.patch(model, lib)), "
+                        "and a library with max_resident cannot train")
+                g = torch.cat([gr.reshape(-1) for gr in grads]).view(B, D).to(dtype)
                 if adam[c] is not None:
                     g = _adam_form(g, *adam[c])
                 acc += g

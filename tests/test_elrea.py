@@ -133,6 +133,25 @@ def test_raw_features_equal_per_example_peft_autograd(base64, folder, patched, d
     torch.testing.assert_close(normed, F.normalize(want, dim=1), rtol=1e-10, atol=1e-12)
 
 
+def test_features_need_a_model_patched_with_the_library(base64, folder, patched, data):
+    _, lib = patched
+    other = lmf.patch(copy.deepcopy(base64), lmf.AdapterLibrary.from_peft({"base": folder},
+                                                                          dtype=F64))
+    with pytest.raises(ValueError, match="patched with lib"):
+        EL.gradient_features(other, lib, "base", data[1][:1])
+    assert lib.names == ("base",)
+    with pytest.raises(KeyError, match="'nope'"):
+        EL.gradient_features(patched[0], lib, "nope", data[1][:1])
+    with pytest.raises(ValueError, match="instruction_mask"):
+        bad = dict(data[1][0], instruction_mask=data[1][0]["instruction_mask"][:, :-1])
+        EL.gradient_features(patched[0], lib, "base", [bad])
+    empty = dict(data[1][1], instruction_mask=data[1][1]["instruction_mask"].clone())
+    empty["instruction_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"batches\[1\]: row\(s\) \[1\]"):
+        EL.gradient_features(patched[0], lib, "base", [data[1][0], empty])
+    assert lib.names == ("base",)  # copies removed after a failure too
+
+
 def test_checkpoints_are_averaged(base64, folder, patched, data):
     model, lib = patched
     examples, batches = data
