@@ -386,3 +386,43 @@ def test_missing_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
     with pytest.raises(ImportError, match=r"pip install loramix_fast\[elrea\]"):
         EL.birch_clusters(torch.randn(4, 3, dtype=F64))
+
+
+def test_cluster_experts_train_as_if_each_cluster_trained_alone(base64, folder, tmp_path):
+    """All clusters in one mixed batch give each expert what Adam on its own cluster's rows alone
+    gives it (through peft, fp64): the multi-tenant training path keeps the clusters apart."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lib = lmf.AdapterLibrary.from_peft({"base": folder}, dtype=F64)
+    model = lmf.patch(copy.deepcopy(base64), lib)
+    model.requires_grad_(False)
+    exs = _examples([9, 7, 11, 8], 8)
+    b = _batch(exs, "right")
+    b["labels"][:, :3] = -100  # targets: all but the first tokens
+    labels = torch.tensor([1, 0, 0, 1])
+    names = EL.train_cluster_experts(model, lib, "base", [b], labels, steps=2, lr=1e-2,
+                                     rows_per_cluster=2, save_dir=tmp_path)
+    assert names == ["base_c0", "base_c1"]
+    for c, n in enumerate(names):
+        rows = (labels == c).nonzero().flatten()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = PeftModel.from_pretrained(copy.deepcopy(base64), folder,
+                                           is_trainable=True).double()
+        opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+        ids, att, lab = b["input_ids"][rows], b["attention_mask"][rows], b["labels"][rows]
+        for _ in range(2):
+            opt.zero_grad()
+            logits = pm(input_ids=ids, attention_mask=att).logits[:, :-1]
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            k = ((lab[:, 1:] != -100) & (att[:, 1:] > 0) & (att[:, :-1] > 0)).to(F64)
+            (-(lp * k).sum() / k.sum()).backward()
+            opt.step()
+        want = get_peft_model_state_dict(pm)
+        got = load_file(str(tmp_path / n / "adapter_model.safetensors"))
+        init = load_file(f"{folder}/adapter_model.safetensors")
+        assert set(got) == set(want)
+        for key in want:
+            assert _rel(got[key].double(), want[key]) <= 1e-6, (n, key)
+            assert _rel(want[key], init[key].double()) > 1e-3, key  # training moved it
