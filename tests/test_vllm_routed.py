@@ -103,18 +103,16 @@ def setup(tmp_path_factory):
                 out = pm.generate(**kw)
         ref[i] = out[0, len(prompt):].tolist()
         assert len(ref[i]) == MAX_TOKENS
-    # the routed requests are not one of the experts in disguise: each differs from every expert
-    # alone and from the base model on at least one prompt
     return {"dir": d, "model": str(d / "model"), "adapters": dirs, "experts": experts,
             "prompts": prompts, "ref": ref, "pm": pm}
 
 
-def _engine(setup, mode: str, tag: str) -> dict:
+def _engine(setup, mode: str, tag: str, multiprocessing: bool) -> dict:
     spec = {"model": setup["model"], "adapters": {k: str(v) for k, v in setup["adapters"].items()},
             "max_loras": 7, "max_lora_rank": 32,
             "requests": [[p, n] for p, n in zip(setup["prompts"], NAMES)],
             "max_tokens": MAX_TOKENS, "batches": [MIXED, PLAIN], "mode": mode,
-            "multiprocessing": False}
+            "multiprocessing": multiprocessing}
     spec_path, out_path = setup["dir"] / f"spec_{tag}.json", setup["dir"] / f"out_{tag}.json"
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAMIX_VLLM"))}
@@ -130,8 +128,14 @@ def _engine(setup, mode: str, tag: str) -> dict:
     return out
 
 
-def test_routed_requests_match_hf_routers(setup):
-    out = _engine(setup, "", "default")
+# default mode in-process; fused mode (routed batches step aside to the packed path) in vLLM's
+# usual multiprocess engine (the plugin's hooks reach the spawned worker)
+CONFIGS = [("", False), ("fused", True)]
+
+
+@pytest.mark.parametrize("mode,multiprocessing", CONFIGS, ids=["default", "fused_multiprocess"])
+def test_routed_requests_match_hf_routers(setup, mode, multiprocessing):
+    out = _engine(setup, mode, mode or "default", multiprocessing)
     (w,) = out["workers"]
     assert w["wrapper"] == ["loramix_fast.integrations.vllm.punica.PunicaWrapperLoramixCPU"]
     st = w["stats"]

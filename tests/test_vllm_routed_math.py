@@ -1,14 +1,17 @@
 """The routing math of the vLLM plugin's routed requests (loramix_fast/integrations/vllm/routed.py)
 against the reference routers, without vLLM: a routed adapter folder written by
 ``write_routed_adapter`` is laid out in vLLM's slot stacks (rank padded to max_lora_rank, beside
-named adapters and tokens without any), and the wrapper's steps (shrink over all slots, gates of
-the routed tokens' own-slot h, one multi_lora_expand) must give, at every module of a tiny Llama,
-the delta that ``lmf.patch(model, lib, router=...)`` adds there (float64), and the model-scope
-prompt decision must equal ``PromptCached(..., scope="model").decide``.
+named adapters and tokens without any), and the wrapper's steps (``StepState.add``: the routed
+tokens' ``h = x A_slot^T``, their gates, ``(g * h) B_slot^T``; then the wrapper's own op over
+every slot with the routed tokens at -1) must give, at every module of a tiny Llama, the delta
+that ``lmf.patch(model, lib, router=...)`` adds there (float64), and the model-scope scoring pass
+(``StepState.score`` at every module, ``decide``) must give ``PromptCached(..., scope="model")
+.decide``'s pooled scores, experts and weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,15 +106,20 @@ def test_token_routing_in_slot_stacks_matches_reference_router(experts, tmp_path
         if mod in fac:
             A[1, :24], B[1, :, :24] = fac[mod]["A"], fac[mod]["B"]
         slot = torch.tensor([1, -1, 0, 1, 2, 1] * 3, dtype=torch.int32)[:T]
+        # the wrapper's steps: StepState.add for the routed tokens (slot 1, lora id 21), then
+        # the wrapper's own op over every slot with the routed tokens at -1 (named_idx)
+        pw = SimpleNamespace(_token_lora_indices=slot)
+        st = routed.StepState(pw, {1: (21, spec)}, {1: torch.nonzero(slot == 1)[:, 0]}, R, T,
+                              "cpu")
+        y0 = torch.randn(T, N, generator=g, dtype=torch.float64)
+        y = y0.clone()
+        st.add(y, x, A, B, 1, 1.0)
         h3 = (x @ A.reshape(E * R, K).t()).view(T, E, R)
-        ranks = routed.block_ranks(A[1], 1, spec)
-        gate = routed.token_gates(h3[:, 1], ranks, spec)
-        gate = torch.where((slot == 1)[:, None], gate, torch.ones_like(gate))
-        hg = routed.apply_gates(h3, slot, gate)
         ones = torch.ones(E)
         rank = torch.full((E,), R, dtype=torch.int64)
-        y0 = torch.randn(T, N, generator=g, dtype=torch.float64)
-        out = ops.multi_lora_expand(y0.clone(), hg, B, ones, rank, slot[:, None])
+        named = st.named_idx(T)
+        assert named[:, 0].tolist() == torch.where(slot == 1, -1, slot).tolist()
+        out = ops.multi_lora_expand(y, h3, B, ones, rank, named)
         delta = out - y0
         for t in range(T):
             s = int(slot[t])
@@ -166,20 +174,28 @@ def test_prompt_decision_matches_prompt_cached(experts, tmp_path, router):
         dec = router.decide(model, input_ids=ids)
         # the scoring pass's module inputs: the base model (adapters off)
         got = _capture(model, ids, adapter_names=["__base__"])
-        total = torch.zeros(1, spec.n)
-        mods = torch.zeros(1, dtype=torch.int64)
+        # the wrapper's scoring pass (StepState.score at every module, slot 1 routed, slot 0
+        # a named adapter), then StepState.decide
+        L = ids.shape[1]
+        pw = SimpleNamespace(_token_lora_indices=torch.ones(L, dtype=torch.int32))
+        st = routed.StepState(pw, {1: (21, spec)}, {1: torch.arange(L)}, R, L, "cpu")
+        st.model_rows[1] = (torch.ones(L, dtype=torch.int64), [("req", 1)])
+        st.score_state[1] = routed._Scoring(spec, torch.full((L,), 1.0 / L), 1, "cpu")
+        st.pending[1] = [("req", 1)]
+        st.scoring = True
         for mod, (x, _) in got.items():
-            A = torch.zeros(R, x.shape[1], dtype=torch.float64)
-            A[:24] = fac[mod]["A"]
-            h = x @ A.t()  # [L, R]
-            ranks = routed.block_ranks(A, 1, spec)
-            s, m = routed.prompt_scores(h, ranks, spec)
-            total += s.mean(0, keepdim=True)
-            mods += m
-        assert int(mods) == 14
-        p = total / mods
+            A = torch.zeros(2, R, x.shape[1], dtype=torch.float64)
+            A[0, :8] = torch.randn(8, x.shape[1], generator=g, dtype=torch.float64)
+            A[1, :24] = fac[mod]["A"]
+            st.score(x, A, 1)
+        sc = st.score_state[1]
+        assert int(sc.modules) == 14
+        p = sc.total[1:2] / sc.modules
         assert (p.double() - dec.scores.double()).abs().max() < 1e-5, (p, dec.scores)
-        idx, w = routed.prompt_decision(total, mods, spec)
+        st.decide()
+        lora_id, idx, w = routed._DECISIONS.pop("req")
+        idx, w = idx[None], w[None]
+        assert lora_id == 21
         assert idx.tolist() == dec.idx.tolist()
         assert (w - dec.weights).abs().max() < 1e-6
         gate = routed.gate_of_decision(idx.expand(3, -1), w.expand(3, -1), 2, R, spec)

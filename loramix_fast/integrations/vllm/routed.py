@@ -93,7 +93,7 @@ log = logging.getLogger("loramix_fast.vllm")
 
 __all__ = ["write_routed_adapter", "read_routed_config", "RoutedSpec", "CONFIG_NAME",
            "WEIGHTS_NAME", "block_ranks", "token_gates", "prompt_scores", "prompt_decision",
-           "gate_of_decision", "apply_gates", "install"]
+           "gate_of_decision", "StepState", "step", "install"]
 
 CONFIG_NAME = "loramix_routed.json"
 WEIGHTS_NAME = "loramix_routed.safetensors"
@@ -372,15 +372,6 @@ def gate_of_decision(idx: torch.Tensor, w: torch.Tensor, S: int, R: int,
     g = torch.zeros(T, S, R, dtype=torch.float32, device=idx.device)
     g[:, :, :spec.n * spec.block_rank] = _gate_blocks(idx, w, spec.n, spec.block_rank)[:, None]
     return g.view(T, S * R)
-
-
-def apply_gates(h3: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """h3 [T, E, SR] with each token's own-slot row multiplied by ``gate [T, SR]`` (1 for tokens
-    that are not routed): returns a new tensor, h3 is untouched. ``slot [T]`` int (-1: none)."""
-    T, E, SR = h3.shape
-    sel = slot.clamp(0, E - 1).long().view(T, 1, 1).expand(T, 1, SR)
-    own = torch.gather(h3, 1, sel)  # [T, 1, SR]
-    return h3.scatter(1, sel, own * gate.to(h3.dtype)[:, None])
 
 
 # ---------------------------------------------------------------------------------- in vLLM
