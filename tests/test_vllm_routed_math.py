@@ -183,10 +183,12 @@ def test_prompt_decision_matches_prompt_cached(experts, tmp_path, router):
         st.score_state[1] = routed._Scoring(spec, torch.full((L,), 1.0 / L), 1, "cpu")
         st.pending[1] = [("req", 1)]
         st.scoring = True
+        stacks = []  # kept alive, as vLLM keeps its stacks (the rank cache is keyed by storage)
         for mod, (x, _) in got.items():
             A = torch.zeros(2, R, x.shape[1], dtype=torch.float64)
             A[0, :8] = torch.randn(8, x.shape[1], generator=g, dtype=torch.float64)
             A[1, :24] = fac[mod]["A"]
+            stacks.append(A)
             st.score(x, A, 1)
         sc = st.score_state[1]
         assert int(sc.modules) == 14
