@@ -22,15 +22,21 @@ by nonlinear least squares on [-4, 4]: :func:`fit_rational_gelu`; max error 0.00
 **Scaling by the router probability** (``weighting="prob"``, default): a selected module's delta
 is multiplied by its softmax probability ``pi_j`` over all N_mod modules (not renormalised over the
 k), so the router, its pooler and its activation get a gradient through the fused op's ``w``
-(``dw = scale g . h``); the unselected modules are skipped: their rows carry id -1 in
-``multi_lora_linear`` and cost nothing. ``weighting="renorm"``: ``pi_j / sum_{i in S} pi_i``.
+(``dw = scale g . h``; the probability is the fused op's per-row weight, folded into its
+``w * scale``, not a separate pass); the unselected modules are skipped: their rows carry id -1 in
+``multi_lora_linear`` and cost nothing, and a module that no row of the batch selected (known on
+the host when the routing runs on CPU) runs as its plain base linear, without the fused op.
+``weighting="renorm"``: ``pi_j / sum_{i in S} pi_i``.
 
 **Route once, reuse.** The decision of layer l is computed in a forward pre-hook of the decoder
 layer during the prompt's forward and kept per sequence in the call's routing cache (the
 ``_ROUTE_CACHE`` contextvar that ``generate`` and :func:`loramix_fast.route_once` scope, as
 :class:`loramix_fast.PromptCached` does), so every decode step (``generate``, beam search,
 ``num_return_sequences``, a manual loop inside ``with lmf.route_once(model):``) reuses it: at decode
-a layer costs the base model plus its k selected module deltas. Outside those scopes every forward
+a layer costs the base model plus its k selected module deltas. Each patched module turns the
+decision into a plan (its ids and weights for the fused op, or "skip") on its first call and
+reuses it at every decode step: no per-step bookkeeping. A new prompt (a new batch or selection)
+makes a new decision and new plans; leaving the scope drops both. Outside those scopes every forward
 is its own prompt. A forward with a KV cache but no decision (a manual loop without
 ``route_once``) raises instead of routing on the new token.
 
@@ -357,12 +363,28 @@ def balance_loss(pi: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _LayerDecision:
     """One layer's routing for one forward's batch: per module path the ids ``[B, 1]`` int32 and
-    weights ``[B, 1]`` every token of a sequence uses; ``aux``: (tenant, pi, top) for the loss."""
+    weights ``[B, 1]`` every token of a sequence uses; ``aux``: (tenant, pi, top) for the loss.
+    ``live``: per module path, whether some row applies its delta (known on the host when the
+    decision was made on CPU; None elsewhere: unknown without a device sync)."""
 
     key: tuple  # (batch, selection ids)
     maps: dict
     aux: list
-    expanded: dict  # (module, tokens per sequence, device) -> (idx, w)
+    live: dict | None = None
+    plans: dict | None = None  # (module path, rows, device) -> _ModulePlan, built on first use
+
+
+class _ModulePlan:
+    """What a patched module does in every forward that reuses a layer decision (the decode steps
+    of one generation): ``idx [rows, 1]`` / ``w [rows, 1]`` ready for the fused op (the router
+    probability is the op's per-row weight, folded into its ``w * scale``; no separate pass), or
+    ``skip``: no row applies this module's delta, so the module is its plain base linear. Built
+    once per (module, rows, device) and decision; a new prompt makes a new decision (new plans)."""
+
+    __slots__ = ("idx", "w", "skip")
+
+    def __init__(self, idx, w, skip: bool):
+        self.idx, self.w, self.skip = idx, w, skip
 
 
 # (serving, token) pairs of the route caches the top-level pre-hook opened, innermost last
@@ -578,37 +600,54 @@ class _Serving:
                 w_n = w_n.index_put((rows,), wj.to(w_n.dtype))
                 cur[name] = [idx_n, w_n]
         maps = {n: (i.view(B, 1).contiguous(), w.view(B, 1)) for n, (i, w) in cur.items()}
-        return _LayerDecision(dkey, maps, aux, {})
+        # which modules some row applies: free on the host for a CPU decision (no device sync);
+        # elsewhere unknown, and the fused op skips the -1 rows itself
+        live = ({n: bool((i >= 0).any()) for n, (i, _) in maps.items()}
+                if dev.type == "cpu" else None)
+        return _LayerDecision(dkey, maps, aux, live, {})
 
-    def route(self, module, x: torch.Tensor, idx: torch.Tensor):
-        """(idx, w) for a patched layer's selection ``idx [M, 1]``: the layer's EM-LoRA decision
-        where one exists (skipped modules: -1), else ``(idx, None)`` unchanged."""
+    def plan(self, module, x: torch.Tensor) -> _ModulePlan | None:
+        """The routing plan of patched ``module`` for its input ``x [..., in]`` in this forward
+        (None: no EM-LoRA decision covers it; the module serves its selection as usual).
+
+        The plan is built on the first call per (module, rows, device) of a layer decision and
+        reused by every later forward that reuses the decision (each decode step of a
+        generation), so a decode step does no per-module bookkeeping of ids or weights: two dict
+        lookups. ``plan.skip``: every row's delta of this module is skipped (all ids -1, known on
+        the host at route time), so the caller runs the plain base linear."""
         lp = self.module_layer.get(module.lmf_name)
+        if lp is None:
+            return None
         cache = _ROUTE_CACHE.get()
-        if lp is None or cache is None:
-            return idx, None
+        if cache is None:
+            return None
         dec = cache.get((id(self), lp))
         if dec is None:
-            return idx, None
+            return None
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else (
+            x.shape[0] if x.dim() > 1 else 1)
+        key = (module.lmf_name, rows, x.device)
+        plans = dec.plans
+        p = plans.get(key)
+        if p is None:
+            p = plans[key] = self._plan(dec, module, x, rows)
+        return p
+
+    def _plan(self, dec: _LayerDecision, module, x: torch.Tensor, rows: int):
         hit = dec.maps.get(module.lmf_name)
         if hit is None:
-            return idx, None
+            return None
         i, w = hit
         B = i.shape[0]
-        t = idx.shape[0] // B if B else 0
-        if t * B != idx.shape[0]:
+        t = rows // B if B else 0
+        if t * B != rows:
             raise ValueError(f"{module.lmf_name}: the EM-LoRA routing was decided for {B} "
-                             f"sequences but this forward has {idx.shape[0]} rows")
-        if t == 1 and i.device == x.device:
-            return i, w
-        k = (module.lmf_name, t, x.device)
-        got = dec.expanded.get(k)
-        if got is None:
-            ii, ww = i.to(x.device), w.to(x.device)
-            if t != 1:
-                ii, ww = ii.repeat_interleave(t, 0), ww.repeat_interleave(t, 0)
-            got = dec.expanded[k] = (ii, ww)
-        return got
+                             f"sequences but this forward has {rows} rows")
+        ii, ww = i.to(x.device), w.to(x.device)
+        if t != 1:
+            ii, ww = ii.repeat_interleave(t, 0), ww.repeat_interleave(t, 0)
+        live = dec.live.get(module.lmf_name, True) if dec.live is not None else True
+        return _ModulePlan(ii, ww, not live)
 
     def decisions(self) -> list:
         """The layer decisions of the current routing cache (for the loss)."""

@@ -97,13 +97,17 @@ class MultiLoRALinear(nn.Module):
         st = self._lmf_state
         sel = _SELECTION.get()
         if sel is not None and sel.state is st:
-            # this layer's own token map (encoder and decoder differ), built on x's device once
-            # per forward and shape, shared by every layer
-            idx = sel.token_map_for(x, expand=st in _GENERATING.get())
-            w = None
             em = st.__dict__.get("emlora")
-            if em is not None:  # lmf.emlora: this layer's routed module LoRAs (-1: skipped)
-                idx, w = em.route(self, x, idx)
+            plan = em.plan(self, x) if em is not None else None
+            if plan is not None:  # lmf.emlora: the routing plan decided on the prompt
+                if plan.skip and st.record is None:
+                    return self._lmf_base(x)  # no row applies this module's delta
+                idx, w = plan.idx, plan.w  # skipped rows: -1; w: router probabilities
+            else:
+                # this layer's own token map (encoder and decoder differ), built on x's device
+                # once per forward and shape, shared by every layer
+                idx = sel.token_map_for(x, expand=st in _GENERATING.get())
+                w = None
         elif st.router is not None:
             return st.router.forward(self, x)
         else:

@@ -492,3 +492,135 @@ def test_deepcopy_serves_without_emlora(base):
         b = plain(ids, attention_mask=att, adapter_names=["t1"] * 3).logits
         c = model(ids, attention_mask=att, adapter_names=["t1"] * 3).logits
     assert (a - b).abs().max() < 1e-12 and (a - c).abs().max() > 1e-6
+
+
+def _op_calls(monkeypatch):
+    """Spy on the fused op: the module paths it runs for (by weight identity), in call order."""
+    seen = []
+    real = lmf.modules.ops.multi_lora_linear
+
+    def spy(x, weight, *a, **kw):
+        seen.append(id(weight))
+        return real(x, weight, *a, **kw)
+
+    monkeypatch.setattr(lmf.modules.ops, "multi_lora_linear", spy)
+    return seen
+
+
+def test_modules_no_row_selected_run_the_base_linear(base, monkeypatch):
+    """One tenant with k = 1: in each layer most modules are selected by no row of the batch;
+    they skip the fused op and run their base linear (known on the host at route time), and the
+    outputs still equal the fp64 reference, at the prompt and at every decode step."""
+    lib = _lib(base)
+    model = lmf.patch(copy.deepcopy(base), lib)
+    em = _em(model, "t1", seed=11, top_k=1, pooler="mean")
+    E.attach(model, em)
+    names = ["t1", "t1", "__base__"]
+    ids, att = _batch(B=3, L=7, seed=5)
+    ref = Reference(base, lib, [em], names, att)
+    mods = [n for _, ms in em.layers for n in ms]
+    wid = {id(model.get_submodule(n).weight): n for n in mods}
+    seen = _op_calls(monkeypatch)
+    got, hooks = _capture(model, mods)
+    with torch.no_grad():
+        model(ids, attention_mask=att, adapter_names=names)
+        ref(ids)
+    for h in hooks:
+        h.remove()
+    selected = set()
+    for l, (lp, ms) in enumerate(em.layers):
+        for b in (0, 1):
+            selected |= {ms[j] for j in ref.decisions[(lp, b)][1]}
+    ran = {wid[i] for i in seen if i in wid}
+    assert ran == selected  # the fused op ran exactly for the modules some row selected
+    assert len(selected) < len(mods)  # and some were skipped (<= 2 of 7 per layer here)
+    m = att.bool()
+    for n in mods:
+        err = (got[n] - ref.outputs[n])[m].abs().max()
+        assert err < 1e-10, (n, float(err))
+    # a skipped module is bit-identical to the unpatched base model's module on its input
+    skipped = [n for n in mods if n not in selected]
+    inputs = {}
+    hs = [model.get_submodule(n).register_forward_hook(
+        lambda mod, a, out, n=n: inputs.__setitem__(n, (a[0], out))) for n in skipped]
+    with torch.no_grad():
+        model(ids, attention_mask=att, adapter_names=names)
+        for n in skipped:
+            x, out = inputs[n]
+            assert torch.equal(out, base.get_submodule(n)(x)), n
+    for h in hs:
+        h.remove()
+    # decode steps reuse the skip: generate's tokens equal the frozen-routing reference's
+    seen.clear()
+    with torch.no_grad():
+        g = model.generate(ids, attention_mask=att, adapter_names=names, max_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+        cur = ids
+        ref.decisions.clear()
+        ref.frozen = False
+        for step in range(4):
+            ref.att = torch.cat([att, torch.ones(3, step, dtype=att.dtype)], 1)
+            logits = ref(cur)
+            ref.frozen = True
+            cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g, cur)
+    assert {wid[i] for i in seen if i in wid} == selected  # 4 forwards, same modules
+    assert sum(i in wid for i in seen) == 4 * len(selected)
+
+
+def test_routing_plan_built_once_per_generation_and_renewed(base, monkeypatch):
+    """Each patched module builds its plan (ids, weights, skip) once per generation and routed
+    shape (the prompt's rows, then one row per sequence for every decode step); a new prompt, a
+    new selection or a new route_once scope builds new plans, never reusing stale ones."""
+    lib = _lib(base)
+    model = lmf.patch(copy.deepcopy(base), lib)
+    ems = [_em(model, "t1", seed=1), _em(model, "t2", seed=2, top_k=2, pooler="last")]
+    E.attach(model, *ems)
+    n_mods = sum(len(ms) for _, ms in ems[0].layers)
+    built = [0]
+    real = E._Serving._plan
+
+    def counted(*a, **kw):
+        built[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(E._Serving, "_plan", counted)
+    ids, att = _batch(seed=3)
+    ids2, att2 = _batch(seed=9)
+    names = ["t1", "t2", "__base__"]
+
+    def gen(i, a, nm, n=6):
+        return model.generate(i, attention_mask=a, adapter_names=nm, max_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        g1 = gen(ids, att, names)
+        assert built[0] == 2 * n_mods  # prompt rows + decode rows, not once per token
+        built[0] = 0
+        g2 = gen(ids2, att2, names[::-1])  # new prompt and selection: new plans
+        assert built[0] == 2 * n_mods
+        # a manual loop inside route_once: plans built on the prompt and its first decode step
+        built[0] = 0
+        with lmf.route_once(model):
+            out = model(ids, attention_mask=att, adapter_names=names, use_cache=True)
+            seq, a = ids, att
+            for _ in range(6):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                seq, a = torch.cat([seq, nxt], 1), torch.cat([a, torch.ones_like(nxt)], 1)
+                out = model(nxt, attention_mask=a, cache=out.cache, use_cache=True,
+                            adapter_names=names)
+        assert built[0] == 2 * n_mods
+        assert torch.equal(seq, g1)
+        # a new scope after the exit: a fresh decision and plans for the other prompt, whose
+        # tokens equal a fresh model's (nothing of the first prompt's plans is reused)
+        built[0] = 0
+        with lmf.route_once(model):
+            out = model(ids2, attention_mask=att2, adapter_names=names[::-1], use_cache=True)
+        assert built[0] == n_mods
+    fresh = lmf.patch(copy.deepcopy(base), lib)
+    E.attach(fresh, *ems)
+    with torch.no_grad():
+        f2 = fresh.generate(ids2, attention_mask=att2, adapter_names=names[::-1],
+                            max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(g2, f2)
+    assert not torch.equal(g1, g2)
