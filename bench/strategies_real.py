@@ -2,16 +2,21 @@
 merging and routing over the four task experts of bench/real_experts.py, one table.
 
     flock /tmp/lmf-bench.lock .venv/bin/python -m bench.strategies_real [--quick] [--no-write]
+        [--only REGEX]   # rerun some rows, the others from the row cache (.cache/strategies_rows.json)
 
 Per strategy: multi-task answer NLL (mean over the answer tokens of held-out examples of every
 task, teacher-forced), held-out greedy exact match, forwards per token, and ms per token of the
 scoring pass (wall time of the batched teacher-forced forward / tokens in it). Learned strategies
 fit on training examples of every task pooled (no task labels used), evaluated on held-out ones.
-ELREA (issue 10 item 6) is not built yet: its row is missing.
+ELREA (issue 10 item 6): its own base adapter, gradient-feature clusters and cluster experts, trained
+on the pooled training examples (``_elrea_rows``), then its ensemble and its MoE routing/merging
+baselines.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from pathlib import Path
 
@@ -46,12 +51,16 @@ def _keep(b):
 
 
 @torch.no_grad()
-def _nll_forward(model, batches, names_of=None):
-    """(mean answer NLL, ms per token) of a single-forward strategy."""
+def _nll_forward(model, batches, names_of=None, prompt_mask=False):
+    """(mean answer NLL, ms per token) of a single-forward strategy. ``prompt_mask``: hand the
+    forward ``prompt_mask`` = the prompt's tokens (not the answer), for routers that pool over
+    the prompt (a teacher-forced pass must not route on the answer it scores)."""
     tot, n, secs, toks = 0.0, 0, 0.0, 0
     for b in batches:
         ids, att = b["input_ids"], b["attention_mask"]
         kw = {} if names_of is None else {"adapter_names": names_of(b)}
+        if prompt_mask:
+            kw["prompt_mask"] = (b["labels"] == -100) & (att > 0)
         t0 = time.perf_counter()
         logits = model(input_ids=ids, attention_mask=att, **kw).logits
         secs += time.perf_counter() - t0
@@ -124,7 +133,40 @@ def _train_router(model, router, batches, steps, lr):
     lmf.set_router(model, None)
 
 
-def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=None, tok=None):
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "strategies_rows.json"
+
+
+def _read_cache(path) -> dict:
+    path = Path(path or CACHE)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _load_cache(path, key) -> dict:
+    """``{name: row}`` of earlier runs with the same settings (empty if none). The cache holds one
+    set of rows per settings, so a --quick run does not replace a full one."""
+    rows = _read_cache(path).get(json.dumps(key, sort_keys=True), [])
+    return {r["name"]: r for r in rows}
+
+
+def _save_cache(path, key, rows) -> None:
+    path = Path(path or CACHE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_cache(path)
+    k = json.dumps(key, sort_keys=True)
+    old = {r["name"]: r for r in data.get(k, [])}
+    old.update({r["name"]: r for r in rows})
+    data[k] = list(old.values())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=None, tok=None,
+        only=None, cache=None):
+    """Measure every strategy (or, with ``only``, those whose name matches the regular expression;
+    the other rows then come from ``cache``, a JSON file of an earlier run with the same settings).
+    Every measured row is written to ``cache`` as soon as it is done, so an interrupted run keeps
+    what it measured. Returns ``(rows, meta)``."""
     n_test = n_test or (4 if quick else 12)
     n_train = n_train or (4 if quick else 8)
     steps = steps or (3 if quick else 12)
@@ -148,33 +190,53 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
     E = len(tasks)
     rows = []
 
+    key = dict(n_test=n_test, n_train=n_train, steps=steps, em=em, tasks=tasks)
+    cached = _load_cache(cache, key) if only is not None else {}
+    pat = re.compile(only) if only is not None else None
+
+    def want(name):
+        """Measure this strategy now? (Otherwise its cached row is used, if there is one.)"""
+        if pat is None or pat.search(name):
+            return True
+        if name in cached:
+            rows.append(cached[name])
+        return False
+
     def add(name, nll_ms, em_fn, fwd, fit_s=0.0, note=""):
         acc = em_fn() if em else None
         rows.append(dict(name=name, nll=nll_ms[0], ms=nll_ms[1], em=acc, fwd=fwd, fit_s=fit_s,
                          note=note))
+        _save_cache(cache, key, rows)
         print(f"  {name:28s} nll {nll_ms[0]:.3f}  em {acc}  ms/tok {nll_ms[1]:.2f}  "
               f"fit {fit_s:.0f}s {note}", flush=True)
 
     try:
-        add("base", _nll_forward(model, tb, lambda b: ["__base__"] * len(b["tasks"])),
-            lambda: _em_single(model, tok, test, ["__base__"] * len(test)), 1)
-        add("oracle (task's expert)", _nll_forward(model, tb, lambda b: b["tasks"]),
-            lambda: _em_single(model, tok, test, [t for t, _, _ in test]), 1)
+        if want("base"):
+            add("base", _nll_forward(model, tb, lambda b: ["__base__"] * len(b["tasks"])),
+                lambda: _em_single(model, tok, test, ["__base__"] * len(test)), 1)
+        if want("oracle (task's expert)"):
+            add("oracle (task's expert)", _nll_forward(model, tb, lambda b: b["tasks"]),
+                lambda: _em_single(model, tok, test, [t for t, _, _ in test]), 1)
         for mode in ("probs", "logits"):
-            add(f"ensemble uniform {mode}", _nll_ensemble(model, tb, tasks, None, mode),
-                lambda: _em_ensemble(model, tok, test, tasks, None, mode), E)
-            t0 = time.perf_counter()
-            w = lmf.fit_ensemble_weights(model, trb, tasks, mode=mode, steps=300)
-            fit = time.perf_counter() - t0
-            add(f"ensemble learned {mode}", _nll_ensemble(model, tb, tasks, w, mode),
-                lambda: _em_ensemble(model, tok, test, tasks, w, mode), E, fit,
-                "w=" + "/".join(f"{v:.2f}" for v in w.tolist()))
+            if want(f"ensemble uniform {mode}"):
+                add(f"ensemble uniform {mode}", _nll_ensemble(model, tb, tasks, None, mode),
+                    lambda: _em_ensemble(model, tok, test, tasks, None, mode), E)
+            if want(f"ensemble learned {mode}"):
+                t0 = time.perf_counter()
+                w = lmf.fit_ensemble_weights(model, trb, tasks, mode=mode, steps=300)
+                fit = time.perf_counter() - t0
+                add(f"ensemble learned {mode}", _nll_ensemble(model, tb, tasks, w, mode),
+                    lambda: _em_ensemble(model, tok, test, tasks, w, mode), E, fit,
+                    "w=" + "/".join(f"{v:.2f}" for v in w.tolist()))
         for space in ("factor", "delta"):
-            nm = lmf.merge(lib, tasks, None, space=space, name=f"uniform_{space}")
-            add(f"merge uniform {space}", _nll_forward(model, tb, lambda b: nm),
-                lambda: _em_single(model, tok, test, [nm] * len(test)), 1)
-            lib.remove(nm)
+            if want(f"merge uniform {space}"):
+                nm = lmf.merge(lib, tasks, None, space=space, name=f"uniform_{space}")
+                add(f"merge uniform {space}", _nll_forward(model, tb, lambda b: nm),
+                    lambda: _em_single(model, tok, test, [nm] * len(test)), 1)
+                lib.remove(nm)
             for gran in ("global", "layer"):
+                if not want(f"merge learned {space} {gran}"):
+                    continue
                 t0 = time.perf_counter()
                 w = lmf.fit_merge_weights(model, trb, tasks, space=space, granularity=gran,
                                           steps=steps, lr=0.05)
@@ -187,11 +249,21 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
                 lib.remove(nm)
         for name, router in [("mu-routing (Uniform)", lmf.Uniform()),
                              ("Arrow top-1", lmf.Arrow(top_k=1)),
-                             ("SpectR top-1", lmf.SpectR(top_k=1))]:
+                             ("SpectR top-1", lmf.SpectR(top_k=1)),
+                             ("prompt Arrow top-1 (model scope)",
+                              lmf.PromptCached(lmf.Arrow(top_k=1), scope="model"))]:
+            if not want(name):
+                continue
             lmf.set_router(model, router)
-            add(name, _nll_forward(model, tb), lambda: _em_single(model, tok, test), 1)
+            prompt = isinstance(router, lmf.PromptCached)
+            add(name, _nll_forward(model, tb, prompt_mask=prompt),
+                lambda: _em_single(model, tok, test), 1,
+                note="+1 base pass over the prompt to route; EM pools over the whole "
+                     "templated prompt" if prompt else "")
             lmf.set_router(model, None)
         for init, lr in (("zero", 1e-3), ("arrow", 1e-3)):
+            if not want(f"learned routing ({init} init)"):
+                continue
             r = lmf.LearnedRouter(init=init)
             t0 = time.perf_counter()
             _train_router(model, r, trb, steps, lr)
@@ -200,7 +272,10 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
             add(f"learned routing ({init} init)", _nll_forward(model, tb),
                 lambda: _em_single(model, tok, test), 1, fit)
             lmf.set_router(model, None)
-        _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps)
+        elrea = ["ELREA", "ELREA MoE routing", "ELREA MoE merging"]
+        if any([want(n) for n in elrea]):  # (a list: every name's cached row is kept or skipped)
+            rows[:] = [r for r in rows if r["name"] not in elrea]
+            _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps)
     finally:
         lmf.unpatch(model)
     meta = dict(machine=machine(), load=load_line(load0), n_test=n_test, n_train=n_train,
@@ -424,10 +499,15 @@ def main(argv=None) -> int:
                     help="accuracy only: leave ms/tok out (a run that does not hold the bench lock)")
     ap.add_argument("--no-em", action="store_true",
                     help="skip greedy exact match (generation dominates the run time on CPU)")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="measure only the strategies whose name matches; the other rows come "
+                         "from the row cache of an earlier run with the same settings")
+    ap.add_argument("--cache", default=None,
+                    help=f"row cache (JSON; default {CACHE}); every measured row is saved there")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows, meta = run(a.quick, n_test=a.n_test, n_train=a.n_train, steps=a.steps,
-                     em=not a.no_em)
+                     em=not a.no_em, only=a.only, cache=a.cache)
     if a.no_timing:
         for r in rows:
             r["ms"] = None
