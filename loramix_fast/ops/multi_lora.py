@@ -5,12 +5,15 @@ Validates, picks a backend (Triton / C++ / reference) and is registered as the c
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable  # noqa: F401 - in an annotation
+
 import torch
 
 from .. import reference
 from ._dispatch import FLOAT_DTYPES, INT_DTYPES, check_tensor, pick_backend
 
-__all__ = ["multi_lora_linear", "multi_lora_expand", "multi_lora_add_"]
+__all__ = ["multi_lora_linear", "multi_lora_expand", "multi_lora_add_", "multi_lora_add_kernel"]
 
 
 def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
@@ -223,6 +226,19 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
         _check_ids(idx, A.shape[0], backend)
     _run_add(backend, y, x, A, B, scale, rank, idx, w)
     return y
+
+
+def multi_lora_add_kernel(device) -> "Callable":
+    """The eager callable behind :func:`multi_lora_add_` for tensors on ``device``, resolved
+    once: ``f(y, x, A, B, scale, rank, idx, w) -> None`` (y updated in place). For a serving
+    engine's hot path (one call per layer per step): no per-call backend lookup and no Python
+    checks (the C++ kernel checks shapes, dtypes and ids itself; the other backends check
+    nothing). The backend is the one ``pick_backend`` chooses now (``LORAMIX_BACKEND`` read once).
+    Not for torch.compile regions: call :func:`multi_lora_add_` there (the custom op)."""
+    backend = pick_backend(torch.empty(0, device=device), "multi_lora_add_")
+    if backend == "cpp":
+        return torch.ops.loramix_cpp.multi_lora_add_
+    return functools.partial(_run_add, backend)
 
 
 def _run_add(backend, y, x, A, B, scale, rank, idx, w):

@@ -9,8 +9,9 @@ diagonal), so one rank-S*R delta equals the S slice deltas. vLLM's own stacks be
 the packed ones (made right after vLLM creates them, before any adapter is loaded), so
 ``set_lora`` / ``reset_lora`` write straight into them: nothing is copied or kept in sync. Then
 
-    wrapper mode   y = vLLM's base GEMM (oneDNN on CPU), then ONE shrink GEMM over the slots in
-                   use and ONE multi_lora_expand per layer (instead of one of each per slice)
+    wrapper mode   y = vLLM's base GEMM (oneDNN on CPU), then ONE multi_lora_add_ per layer
+                   (each token's own adapter's shrink and expand, into y in place; instead of
+                   one shrink GEMM and one expand per slice)
     fused mode     where the base layer is also unquantized: y = multi_lora_linear(x, W,
                    A_packed, B_packed, 1, S * R, idx, bias), base GEMM and deltas in one op
 
@@ -184,9 +185,9 @@ def _packed_lora_to_output(orig):
         if pk is None or not isinstance(pw, LoramixPunicaMixin):
             return orig(self, x, output)
         _, A, B, scale, rank = pk
-        out = pw.add_lora_packed(output.view(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]),
-                                 A, B, scale, rank, inplace=False)
-        return out.view(output.shape)  # vLLM takes the return value: no copy back
+        pw.add_lora_packed(output.view(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]),
+                           A, B, scale, rank)  # in place
+        return output
     _apply_lora_to_output._loramix = True
     return _apply_lora_to_output
 

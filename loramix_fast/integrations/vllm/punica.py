@@ -6,11 +6,12 @@ vLLM's LoRA layers compute their base projection, then call the wrapper's
 gate/up), slices at cumulative column offsets of ``y``, scaling already folded into B, one slot id
 per token in ``token_lora_indices`` with -1 = no adapter. Here, per slice:
 
-    h = x @ A[:E].reshape(E * R, K).T           one GEMM over the slots in use ([T, E * R], tiny)
-    y[:, slice] = multi_lora_expand(y[:, slice], h.view(T, E, R), B[:E], 1, R, idx)
+    multi_lora_add_(y[:, slice], x, A[:E], B[:E], 1, R, idx)     y's column slice, in place
 
-``multi_lora_expand`` reads, for each token, only its own adapter's B columns and h entries and
-skips tokens whose id is -1 (vLLM's CPU path gathers a copy of the adapter per token and indexes
+``multi_lora_add_`` (C++ on CPU) computes, for each token, only its own adapter's shrink
+(``A[e] @ x``) and expand into ``y`` where it lies (no shrink over every slot, no copy of y) and
+skips tokens whose id is -1; on other devices it is the shrink GEMM over the slots in use and
+``multi_lora_expand`` (vLLM's CPU path gathers a copy of the adapter per token and indexes
 with -1 directly, so base requests batched with LoRA requests get the delta of the adapter in the
 last slot). Nothing in the hot path reads a device value on the host: the host facts used (does
 the batch use any adapter, how many slots from 0 hold the adapters in use) come from the mapping
@@ -18,7 +19,8 @@ vLLM hands :meth:`update_metadata` as Python lists; while tracing (torch.compile
 CUDA graph, or on a GPU, those shortcuts are not taken and the ops run over all slots.
 
 Layers whose slices were packed into one stack (layers.py) call :meth:`add_lora_packed` instead:
-one shrink GEMM and one ``multi_lora_expand`` for all their slices.
+one ``multi_lora_add_`` for all their slices. The token slot ids handed to the ops are built once
+per step (in :meth:`update_metadata`), not per layer.
 
 Embedding and logits LoRA (``add_lora_embedding`` / ``add_lora_logits``) and the fully sharded
 layers' ``add_shrink`` / ``add_expand`` go through the same ops with the same -1 rule. MoE LoRA and
@@ -65,7 +67,12 @@ class LoramixPunicaMixin:
         self._lmf_any_lora = True      # host: does the current batch use any adapter
         self._lmf_slots: int | None = None  # host: slots [0, n) hold every adapter in use
         self._lmf_used: frozenset | None = None  # host: the slots the current batch uses
-        self._lmf_consts: dict = {}    # (E, R, dtype, device) -> (ones [E], rank [E])
+        self._lmf_consts: dict = {}    # (E, R, dtype, device, scale) -> (scale [E], rank [E])
+        self._lmf_idx_cache: dict = {}  # n -> this step's slot ids [n, 1] (a view)
+        self._lmf_views: dict = {}  # (id(A), E) -> (A, A[:E], B[:E], scale[:E], rank[:E])
+        # multi_lora_add_'s eager kernel for this device, resolved once (hot path: one call per
+        # layer per step); under torch.compile the custom op runs instead (_lmf_add)
+        self._lmf_add_fn = ops.multi_lora_add_kernel(self.device)
         _stats["wrappers"] += 1
         _stats["wrapper_class"] = type(self).__name__
         from ... import _cpp
@@ -83,6 +90,7 @@ class LoramixPunicaMixin:
         self._lmf_any_lora = bool(used)
         self._lmf_slots = max(used) + 1 if used else 0
         self._lmf_used = frozenset(used)
+        self._lmf_idx_cache = {}
 
     def _lmf_fill_tails(self):
         n0, n1 = self.indices_len[0], self.indices_len[1]
@@ -91,7 +99,9 @@ class LoramixPunicaMixin:
 
     # ---------------------------------------------------------------- helpers
     def _lmf_host_shortcuts(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and not _tracing()
+        # CPU tensors are never part of a CUDA graph capture: only torch.compile tracing matters
+        # (the full _tracing() check costs a torch.cuda.is_available() call per layer)
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def _lmf_dead(self, x: torch.Tensor, *stacks) -> bool:
         """True when none of the slots the batch uses holds a nonzero B in any of ``stacks``
@@ -112,39 +122,51 @@ class LoramixPunicaMixin:
             return max(1, min(E, self._lmf_slots))
         return E
 
-    def _lmf_const(self, E: int, R: int, dtype, device):
-        key = (E, R, dtype, device)
+    def _lmf_const(self, E: int, R: int, dtype, device, scale: float = 1.0):
+        """(scale [E] filled with ``scale``, rank [E] filled with R), cached."""
+        key = (E, R, dtype, device, scale)
         c = self._lmf_consts.get(key)
         if c is None:
-            c = (torch.ones(E, dtype=dtype, device=device),
+            c = (torch.full((E,), scale, dtype=dtype, device=device),
                  torch.full((E,), R, dtype=torch.int64, device=device))
             self._lmf_consts[key] = c
         return c
 
     def _lmf_token_idx(self, n: int) -> torch.Tensor:
+        """Slot ids [n, 1] of the step's first n tokens (a view; built once per step and n)."""
         rt = self.__dict__.get("_lmf_routed")
         if rt is not None:  # routed.py: routed tokens are -1 for the wrapper's own ops
             return rt.named_idx(n)
-        return self._token_lora_indices[:n].unsqueeze(1)
+        c = self._lmf_idx_cache.get(n)
+        if c is None:
+            c = self._lmf_idx_cache[n] = self._token_lora_indices[:n].unsqueeze(1)
+        return c
 
     def _lmf_sampler_idx(self, n: int) -> torch.Tensor:
         return self._sampler_indices[:n].unsqueeze(1)
 
     def _lmf_delta(self, y2, x2, A4, B4, idx, scale: float):
         """y2[:, :] += delta of the selected slot per row (y2 a column slice of y, updated in
-        place); A4 [E, 1, R, K], B4 [E, 1, N, R]."""
+        place by ``multi_lora_add_``); A4 [E, 1, R, K], B4 [E, 1, N, R]."""
         E0, _, R, K = A4.shape
         E = self._lmf_n_slots(E0, x2)
         A = A4[:E, 0]
-        if A.dtype != x2.dtype:
-            A = A.to(x2.dtype)
-        h = torch.mm(x2, A.reshape(E * R, K).t())  # [T, E * R]
-        if scale != 1.0:
-            h = h * scale
         B = B4[:E, 0]
-        ones, rank = self._lmf_const(E, R, torch.float32, x2.device)
-        out = ops.multi_lora_expand(y2, h.view(x2.shape[0], E, R), B, ones, rank, idx)
-        y2.copy_(out)
+        if A.dtype != y2.dtype:
+            A = A.to(y2.dtype)
+        if B.dtype != y2.dtype:
+            B = B.to(y2.dtype)
+        x3 = x2 if x2.dtype == y2.dtype else x2.to(y2.dtype)
+        sc, rank = self._lmf_const(E, R, torch.float32, x2.device, scale)
+        self._lmf_add(y2, x3, A, B, sc, rank, idx)
+
+    def _lmf_add(self, y2, x2, A, B, scale, rank, idx):
+        """y2 += the deltas (``multi_lora_add_``, in place): the kernel resolved at init in
+        eager mode, the custom op while torch.compile traces."""
+        if torch.compiler.is_compiling():
+            ops.multi_lora_add_(y2, x2, A, B, scale, rank, idx, None, validate=False)
+        else:
+            self._lmf_add_fn(y2, x2, A, B, scale, rank, idx, None)
 
     # ---------------------------------------------------------------- routed requests
     # (routed.py: ``_lmf_routed`` is its StepState in a step whose batch uses routed slots)
@@ -207,29 +229,36 @@ class LoramixPunicaMixin:
         return y
 
     def add_lora_packed(self, y2, x2, A, B, scale, rank, inplace: bool = True):
-        """A packed layer (layers.py): y2 [T, N] + its slices' deltas, one shrink GEMM over the
-        slots in use (A [E, S R, K] -> h [T, E, S R]) and one multi_lora_expand (B [E, N, S R]).
-        Returns y2 updated in place, or (``inplace=False``) the op's new tensor (y2 untouched;
-        saves a copy when the caller takes the return value)."""
-        if not self._lmf_any_lora and self._lmf_host_shortcuts(x2):
-            return y2
-        if self._lmf_dead(x2, B):
-            return y2
-        if not torch.compiler.is_compiling():
+        """A packed layer (layers.py): y2 [T, N] += its slices' deltas, as one ``multi_lora_add_``
+        on the packed stacks (A [E, S R, K], B [E, N, S R]) over the slots in use. Returns y2,
+        updated in place (``inplace=False``: a new tensor, y2 untouched)."""
+        if not inplace:
+            y2 = y2.clone()
+        E = A.shape[0]
+        if x2.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager on CPU (the host shortcuts of _lmf_host_shortcuts / _lmf_dead / _lmf_n_slots,
+            # inlined: this runs once per layer per step)
+            if not self._lmf_any_lora:
+                return y2
+            used, live = self._lmf_used, B.__dict__.get("_lmf_live")
+            if used is not None and live is not None and live.isdisjoint(used):
+                return y2
+            _stats["packed_calls"] += 1
+            if self._lmf_slots is not None:
+                E = max(1, min(E, self._lmf_slots))
+        elif not torch.compiler.is_compiling():
             _stats["packed_calls"] += 1
         if self._lmf_routed_packed(y2, x2, A, B, scale):
             return y2  # routed.py's scoring pass: no deltas
-        E0, SR, K = A.shape
-        E = self._lmf_n_slots(E0, x2)
-        Ae = A[:E]
-        if Ae.dtype != x2.dtype:
-            Ae = Ae.to(x2.dtype)
-        h = torch.mm(x2, Ae.reshape(E * SR, K).t())
-        out = ops.multi_lora_expand(y2, h.view(x2.shape[0], E, SR), B[:E], scale[:E], rank[:E],
-                                    self._lmf_token_idx(x2.shape[0]))
-        if not inplace:
-            return out
-        y2.copy_(out)
+        key = (id(A), E)
+        v = self._lmf_views.get(key)
+        if v is None or v[0] is not A:  # the stacks' first E slots, sliced once per (layer, E)
+            v = self._lmf_views[key] = (A, A[:E], B[:E], scale[:E], rank[:E])
+        _, Ae, Be, sc, rk = v
+        if Ae.dtype != y2.dtype:
+            Ae, Be = Ae.to(y2.dtype), Be.to(y2.dtype)
+        x3 = x2 if x2.dtype == y2.dtype else x2.to(y2.dtype)
+        self._lmf_add(y2, x3, Ae, Be, sc, rk, self._lmf_token_idx(x2.shape[0]))
         return y2
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None,
