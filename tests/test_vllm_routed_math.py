@@ -218,3 +218,28 @@ def test_write_routed_adapter_rejects_what_it_cannot_serve(experts, tmp_path):
     with pytest.raises(ValueError, match="adapters must be"):
         routed.write_routed_adapter(tmp_path / "x", {}, lmf.Arrow())
     assert routed.read_routed_config(experts["dirs"]["a"]) is None  # a plain peft folder
+
+
+@pytest.mark.parametrize("ranks", [[[8, 8, 4, 8], [8, 8, 4, 0], [8, 8, 4, 8]],  # 2 groups
+                                   [[8, 8, 8, 8]] * 3,  # one call, no copy
+                                   [[0, 0, 0, 0], [8, 4, 8, 8], [0, 0, 0, 0]]],  # empty slices
+                         ids=["mixed", "all_equal", "untargeted_slices"])
+@pytest.mark.parametrize("kind,weighting", [("spectr", "softmax"), ("arrow", "softmax"),
+                                            ("spectr", "uniform")])
+def test_token_gates_grouped_slices_equal_per_slice_calls(ranks, kind, weighting):
+    """Slices scored together (host ranks given) gate exactly as one spectr_topk per slice."""
+    spec = routed.RoutedSpec(experts=tuple("abcd"), block_rank=8, kind=kind, scope="token",
+                             top_k=2, weighting=weighting, temperature=0.7)
+    g = torch.Generator().manual_seed(3)
+    rk = torch.tensor(ranks)
+    h = torch.randn(13, 3, 32, generator=g)
+    for i in range(3):  # zero past each expert's rank, as an aligned A gives
+        for t in range(4):
+            h[:, i, t * 8 + ranks[i][t]:(t + 1) * 8] = 0
+    h = h.view(13, 96)
+    per = routed.token_gates(h, rk, spec)
+    grouped = routed.token_gates(h, rk, spec, tuple(tuple(r) for r in ranks))
+    assert torch.equal(per, grouped)
+    live = torch.tensor([any(r) for r in ranks])
+    assert (per.view(13, 3, 32)[:, ~live] == 0).all()
+    assert (per.view(13, 3, 32)[:, live].sum(-1) > 0).all()  # every token routed somewhere

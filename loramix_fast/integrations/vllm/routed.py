@@ -11,7 +11,8 @@ A routed request is an ordinary ``LoRARequest`` whose folder is a *routed adapte
 
     experts = {"math": "dirs/math", "code": "dirs/code", "chat": "dirs/chat"}   # peft folders
     info = write_routed_adapter("routed/spectr2", experts, lmf.SpectR(top_k=2))
-    #   per token:   lmf.SpectR(top_k, weighting, temperature, variant), lmf.Arrow(top_k, temperature)
+    #   per token:   lmf.SpectR(top_k, weighting, temperature, variant),
+    #                lmf.Arrow(top_k, temperature)
     #   per prompt:  lmf.PromptCached(lmf.Arrow(top_k=1), scope="model")  (or a SpectR inside)
     llm = LLM(model, enable_lora=True, max_lora_rank=info["max_lora_rank"], enforce_eager=True, ...)
     outs = llm.generate(prompts, sampling, lora_request=[
@@ -76,9 +77,10 @@ raise ``max_num_batched_tokens``, disable prefix caching); the fused mode runs b
 routed requests through vLLM's base GEMM plus the packed deltas (the fused op has no h to gate);
 ``merge="factor"`` and ``PromptCached(scope="module")`` are not supported. vLLM pads every slot
 to ``max_lora_rank``, so serving a routed adapter of rank n * r raises ``max_lora_rank`` (and
-every slot's padded stacks) to at least that. A routed request costs, per layer, one ``[T_s, K] x [K, S R]`` and one
-``[T_s, S R] x [S R, N]`` GEMM on its tokens; a step that starts a prompt-routed request runs
-the model twice.
+every slot's padded stacks) to at least that. A routed request costs, per layer and routed
+slot, one ``[T_s, K] x [K, S R]`` and one ``[T_s, S R] x [S R, N]`` GEMM on its tokens plus
+one ``spectr_topk`` per output slice (per token); a step that starts a prompt-routed request
+runs the model twice.
 """
 from __future__ import annotations
 
@@ -136,8 +138,9 @@ class RoutedSpec:
     @classmethod
     def from_dict(cls, d: dict, where: str = CONFIG_NAME) -> "RoutedSpec":
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            got = d.get("format") if isinstance(d, dict) else d
             raise ValueError(f"{where}: not a loramix_fast routed adapter config of format "
-                             f"{_FORMAT} (got format={d.get('format') if isinstance(d, dict) else d!r})")
+                             f"{_FORMAT} (got format={got!r})")
         r = d.get("router", {})
         spec = cls(experts=tuple(d["experts"]), block_rank=int(d["block_rank"]),
                    kind=r.get("kind"), scope=d.get("scope"), top_k=int(r.get("top_k", 0)),
@@ -211,7 +214,8 @@ def write_routed_adapter(folder, adapters: dict, router) -> dict:
     from ...routing import align_stack
 
     if not isinstance(adapters, dict) or not adapters:
-        raise ValueError(f"adapters must be a non-empty {{name: peft folder}} dict, got {adapters!r}")
+        raise ValueError(f"adapters must be a non-empty {{name: peft folder}} dict, got "
+                         f"{adapters!r}")
     rdict, variant, scope, normalize = _router_dict(router)
     names = list(adapters)
     # aligned in float64 (as align_stack does internally), stored as float32
@@ -278,7 +282,8 @@ def block_ranks(A_slot: torch.Tensor, S: int, spec: RoutedSpec) -> torch.Tensor:
     return (rows != 0).any(-1).sum(-1).to(torch.int64)
 
 
-def token_gates(h_own: torch.Tensor, ranks: torch.Tensor, spec: RoutedSpec) -> torch.Tensor:
+def token_gates(h_own: torch.Tensor, ranks: torch.Tensor, spec: RoutedSpec,
+                host_ranks: tuple | None = None) -> torch.Tensor:
     """Per-token routing gates of one routed slot.
 
     Semantics (per slice i, per token m; h_t = h_own[m, i R + t rb : i R + (t + 1) rb]):
@@ -286,7 +291,10 @@ def token_gates(h_own: torch.Tensor, ranks: torch.Tensor, spec: RoutedSpec) -> t
                  1 where rank > 0), weighting, temperature)
         g[m, i R + t rb + j] = w of expert t if selected else 0, for j < rb; 0 past n * rb
     Shapes: h_own [T, S * R] (the tokens' own-slot shrink output), ranks [S, n] int64 ->
-    g [T, S * R] float32.
+    g [T, S * R] float32. ``host_ranks`` (``ranks`` as nested tuples, optional): slices with the
+    same ranks are scored in ONE ``spectr_topk`` call (rows = tokens x slices), slices no expert
+    targets are skipped (gate 0): fewer small ops per layer (each costs far more than its math
+    on a loaded CPU).
     """
     from ... import ops
 
@@ -294,15 +302,31 @@ def token_gates(h_own: torch.Tensor, ranks: torch.Tensor, spec: RoutedSpec) -> t
     S = ranks.shape[0]
     R = SR // S
     n, rb = spec.n, spec.block_rank
+    if host_ranks is None:
+        groups = [[i] for i in range(S)]
+    else:
+        by = {}
+        for i, rk in enumerate(host_ranks):
+            if any(rk):
+                by.setdefault(tuple(rk), []).append(i)
+        groups = list(by.values())
+    h3 = h_own.view(T, S, R)
+    if len(groups) == 1 and len(groups[0]) == S and n * rb == R:  # one call, no copy
+        gate = _gate_group(ops, h3.reshape(T * S, n, rb), ranks[0], spec)
+        return gate.view(T, SR)
     g = torch.zeros(T, S, R, dtype=torch.float32, device=h_own.device)
-    for i in range(S):
-        hb = h_own[:, i * R:i * R + n * rb].view(T, n, rb)
-        rk = ranks[i]
-        idx, w, _ = ops.spectr_topk(hb, spec.k, rank=rk, score=spec.score,
-                                    score_scale=(rk > 0).float() if spec.score == "first" else None,
-                                    weighting=spec.weighting, temperature=spec.temperature)
-        g[:, i, :n * rb] = _gate_blocks(idx, w, n, rb)
+    for G in groups:
+        hb = h3[:, G, :n * rb].reshape(T * len(G), n, rb)
+        g[:, G, :n * rb] = _gate_group(ops, hb, ranks[G[0]], spec).view(T, len(G), n * rb)
     return g.view(T, SR)
+
+
+def _gate_group(ops, hb, rk, spec):
+    """Gates [rows, n * rb] of the rows of ``hb [rows, n, rb]`` (one spectr_topk)."""
+    idx, w, _ = ops.spectr_topk(hb, spec.k, rank=rk, score=spec.score,
+                                score_scale=(rk > 0).float() if spec.score == "first" else None,
+                                weighting=spec.weighting, temperature=spec.temperature)
+    return _gate_blocks(idx, w, spec.n, spec.block_rank)
 
 
 def _gate_blocks(idx: torch.Tensor, w: torch.Tensor, n: int, rb: int) -> torch.Tensor:
@@ -430,7 +454,11 @@ class StepState:
         return c
 
     # -- ranks of a routed slot's expert blocks, once per (stack, slot, adapter)
-    def ranks(self, A: torch.Tensor, s: int, S: int) -> torch.Tensor:
+    def ranks(self, A: torch.Tensor, s: int, S: int, host: bool = False):
+        """[S, n] int64 ranks of slot s's expert blocks in stack A (device), cached per (stack
+        storage, slot, adapter); ``host=True``: (device ranks, the same as nested tuples). The
+        host copy is read once per cache entry (the one host read of the routed path: after an
+        adapter is loaded, in the first forward that uses it at each layer)."""
         lora_id, spec = self.slots[s]
         cache = self.pw.__dict__.setdefault("_lmf_routed_ranks", {})
         key = (A.data_ptr(), tuple(A.shape), s, lora_id, S)
@@ -438,8 +466,9 @@ class StepState:
         if r is None:
             if len(cache) > _MAX_CACHE:
                 cache.clear()
-            r = cache[key] = block_ranks(A[s], S, spec)
-        return r
+            rk = block_ranks(A[s], S, spec)
+            r = cache[key] = (rk, tuple(tuple(v) for v in rk.tolist()))
+        return r if host else r[0]
 
     def add(self, y2, x2, A, B, S: int, scale) -> None:
         """y2 [T, N] (a column slice of y, updated in place) += the routed tokens' deltas;
@@ -457,11 +486,15 @@ class StepState:
                 As, Bs = As.to(xs.dtype), Bs.to(xs.dtype)
             h = torch.mm(xs, As.t())  # [T_s, S R]: every expert's h_t
             if spec.scope == "token":
-                g = token_gates(h, self.ranks(A, s, S), spec)
+                rk, hrk = self.ranks(A, s, S, host=True)
+                g = token_gates(h, rk, spec, hrk)
             else:
                 g = self._model_gate(s, S, A.shape[1] // S, spec)
-            sc = scale if isinstance(scale, (int, float)) else scale[s]
-            d = torch.mm(h * (g * sc).to(h.dtype), Bs.t())  # [T_s, N]
+            if not isinstance(scale, (int, float)):
+                g = g * scale[s]
+            elif scale != 1.0:
+                g = g * scale
+            d = torch.mm(h * g.to(h.dtype), Bs.t())  # [T_s, N]
             y2.index_add_(0, tok, d.to(y2.dtype))
 
     def _model_gate(self, s, S, R, spec):
