@@ -62,12 +62,15 @@ routes each projection module on its own.
   the stored decision. As in ``PromptCached``'s scoring pass, the extra cost is one base forward
   of that step's batch; other steps cost nothing extra.
 
-Host syncs: none. The host facts used (which slots hold routed adapters, where each routed
+Host syncs: none per step. The host facts used (which slots hold routed adapters, where each routed
 slot's tokens are, which requests start their prompt) come from vLLM's own host-side state
 (``lora_index_to_id``, the input batch's request ids, scheduled and computed token counts), once
 per step in :func:`step`, which also copies a few small index tensors to the device (a
-host-to-device copy, no sync). The block ranks of a routed slot are computed on the device once
-per (stack, slot, adapter) in the first forward that uses it; decisions stay device tensors.
+host-to-device copy, no sync). Decisions stay device tensors. One host read could not be avoided
+without touching vLLM's loading path: the block ranks of a routed slot (which experts target each
+slice, used to score slices with equal ranks in one ``spectr_topk``) are computed on the device
+and read to the host once per (stack, slot, adapter), in the first forward that uses that slot
+at each layer - never again while the adapter stays in its slot.
 
 Limits (each an error that says so; nothing falls back silently): routed requests need an eager
 model (``enforce_eager=True``: the per-step routing state is host Python, not part of a compiled
