@@ -32,8 +32,9 @@ Per-example gradients in one backward: the B rows of a batch run on B copies of 
 of sum_b NLL_b w.r.t. copy b is the gradient of row b alone.
 
 The projection R is never materialised: its rows come in blocks of :data:`PROJECTION_BLOCK`, block
-k drawn from a CPU ``torch.Generator`` seeded with ``(hash(seed) + k) mod 2^32``, so R depends on
-(seed, D, d_proj) only, not on how many rows are processed at once (``chunk_rows``).
+k drawn whole from a CPU ``torch.Generator`` seeded with ``(hash(seed) + k) mod 2^32``, so row j of R
+depends on (seed, d_proj, j) only: not on D (a longer theta extends R) nor on how many rows are
+processed at once (``chunk_rows``).
 
     elrea = lmf.elrea.ELREA(model, lib, "base", d_proj=1024, n_clusters=4)
     elrea.fit(batches)              # dicts: input_ids, attention_mask, labels, instruction_mask
