@@ -17,8 +17,11 @@ Each repetition prefills the prompts in each provider (timed: the prefill column
 every provider timed back to back, so they share the machine's load); each patched provider keeps
 its ``lmf.route_once`` scope for the loop, as ``generate`` does. ``x base`` is the median over the
 steps of (provider step / base step). ``python -m bench.bench_emlora [--steps 16] [--reps 3]
-[--dtype fp32|bf16|both] [--no-write]`` writes the ``## EM-LoRA decode cost`` section of
-bench/RESULTS.md. Hold the lock:
+[--dtype fp32|bf16|both] [--threads N] [--clock wall|cpu] [--no-write]`` writes the
+``## EM-LoRA decode cost`` section of bench/RESULTS.md (``--threads 1 --clock cpu``: each step's
+single-thread CPU time, for a loaded machine). The table ends with the floor: the bytes a decode
+step must read (the base weights; the A and B of the modules the routers selected) and the ratio
+they imply for a memory-bound step. Hold the lock:
 ``flock /tmp/lmf-bench.lock python -m bench.bench_emlora``.
 """
 from __future__ import annotations
@@ -72,8 +75,8 @@ class Decoder:
     (``lmf.route_once`` entered there for the patched models, as ``generate`` scopes it), so the
     providers' steps can be interleaved and timed under the same machine load."""
 
-    def __init__(self, model, enc, names=None):
-        self.model, self.enc, self.names = model, enc, names
+    def __init__(self, model, enc, names=None, clock=time.perf_counter):
+        self.model, self.enc, self.names, self.clock = model, enc, names, clock
         self.ctx = contextvars.copy_context()
         self.scope = lmf.route_once(model) if names is not None else None
 
@@ -82,21 +85,21 @@ class Decoder:
             self.ctx.run(self.scope.__enter__)
         kw = {} if self.names is None else {"adapter_names": self.names}
         self.att = self.enc["attention_mask"]
-        t0 = time.perf_counter()
+        t0 = self.clock()
         with torch.no_grad():
             self.out = self.ctx.run(self.model, self.enc["input_ids"], attention_mask=self.att,
                                     use_cache=True, **kw)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def step(self) -> float:
         kw = {} if self.names is None else {"adapter_names": self.names}
         with torch.no_grad():
             nxt = self.out.logits[:, -1].argmax(-1, keepdim=True)
             self.att = torch.cat([self.att, torch.ones_like(nxt)], 1)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             self.out = self.ctx.run(self.model, nxt, attention_mask=self.att,
                                     cache=self.out.cache, use_cache=True, **kw)
-            return time.perf_counter() - t0
+            return self.clock() - t0
 
     def close(self):
         if self.scope is not None:
@@ -104,17 +107,65 @@ class Decoder:
         self.out = None
 
 
-def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32) -> dict:
+def floor_bytes(base, model, decoder) -> dict:
+    """Bytes a decode step must read, from the routing ``decoder`` (an EM-LoRA ``Decoder`` after
+    its prefill) decided: ``base`` every weight matrix of the base model (the decoder's linears
+    and the LM head; the embedding lookup reads only the batch's rows), ``emlora`` the A and B of
+    each (module, adapter) some row applies (the modules its routers selected), ``lora`` every
+    module of every adapter in the batch (plain LoRA on all modules). Memory-bound, a step costs
+    ``1 + emlora / base`` x the base model's."""
+    el = next(base.parameters()).element_size()
+    base_b = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear)) * el
+    st = E._serving(model).state
+    decs = decoder.ctx.run(E._serving(model).decisions)
+    names = st.lib.names
+    em_b = lora_b = 0
+    kinds: dict = {}
+    for dec in decs:
+        for mod, (i, _) in dec.maps.items():
+            ids = sorted({int(e) for e in i.view(-1).tolist() if e >= 0})
+            for e in ids:
+                f = st.lib.factors(names[e])[mod]
+                em_b += (f.A.numel() + f.B.numel()) * el
+            leaf = mod.rsplit(".", 1)[-1]
+            kinds[leaf] = kinds.get(leaf, 0) + len(ids)
+    for n in set(decoder.names) - {None, "__base__"}:
+        for f in st.lib.factors(n).values():
+            lora_b += (f.A.numel() + f.B.numel()) * el
+    return {"base": base_b, "emlora": em_b, "lora": lora_b, "kinds": kinds}
+
+
+def floor_lines(fb: dict) -> list[str]:
+    mb = 1e6
+    kinds = ", ".join(f"{k.replace('_proj', '')} {v}" for k, v in fb["kinds"].items())
+    return [f"floor (bytes read per decode step): base weights {fb['base'] / mb:.1f} MB; "
+            f"EM-LoRA's selected A+B {fb['emlora'] / mb:.1f} MB (+{fb['emlora'] / fb['base']:.1%}"
+            f", memory-bound ratio {1 + fb['emlora'] / fb['base']:.3f}x); plain LoRA "
+            f"{fb['lora'] / mb:.1f} MB ({1 + fb['lora'] / fb['base']:.3f}x)",
+            f"  (module, adapter) pairs applied per step by kind: {kinds}"]
+
+
+def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
+        clock: str = "wall") -> dict:
+    """``clock``: ``"wall"`` (perf_counter) or ``"cpu"`` (this thread's CPU time; one torch
+    thread only: on a loaded machine it leaves out the time spent descheduled)."""
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise ValueError(f"clock='cpu' needs --threads 1 (this thread's CPU time), got "
+                         f"{torch.get_num_threads()} threads")
+    clk = {"wall": time.perf_counter, "cpu": time.thread_time}[clock]
     base, model, plain, ems, names, enc = build(dtype)
     load0 = os.getloadavg()[0]
-    mk = {"base": lambda: Decoder(base, enc), "emlora k=1": lambda: Decoder(model, enc, names),
-          "lora (7 modules)": lambda: Decoder(plain, enc, names)}
+    mk = {"base": lambda: Decoder(base, enc, clock=clk),
+          "emlora k=1": lambda: Decoder(model, enc, names, clock=clk),
+          "lora (7 modules)": lambda: Decoder(plain, enc, names, clock=clk)}
     pre = {k: [] for k in mk}
     dec = {k: [] for k in mk}
     ratio = {k: [] for k in mk}  # per decode step: provider / base, measured back to back
     for it in range(warmup + reps):
         ds = {k: f() for k, f in mk.items()}
         p = {k: d.prefill() for k, d in ds.items()}
+        if it == 0:
+            fb = floor_bytes(base, model, ds["emlora k=1"])
         for _ in range(steps):
             t = {k: d.step() for k, d in ds.items()}
             if it >= warmup:
@@ -129,7 +180,8 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32) ->
     res = {k: (statistics.median(pre[k]), statistics.median(dec[k]),
                statistics.median(ratio[k]), _q(ratio[k], 0.1), _q(ratio[k], 0.9)) for k in mk}
     return {"res": res, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "reps": reps,
-            "prompt_len": int(enc["input_ids"].shape[1]), "load": load_line(load0),
+            "clock": "wall time" if clock == "wall" else "1-thread CPU time",
+            "prompt_len": int(enc["input_ids"].shape[1]), "load": load_line(load0), "floor": fb,
             "machine": machine()}
 
 
@@ -144,7 +196,7 @@ def format_table(runs) -> str:
         b_pre, b_dec = r["res"]["base"][:2]
         lines.append(f"{r['dtype']}: 16 sequences x prompt {r['prompt_len']} tokens, "
                      f"{r['steps']} decode steps x {r['reps']} runs, steps interleaved across "
-                     "providers")
+                     f"providers, {r['clock']}")
         lines.append(f"{'provider':<18} {'ms/token':>9} {'x base':>7} {'p10-p90 x base':>15} "
                      f"{'prefill ms':>11} {'x base':>7}")
         for k, (p, d, rt, lo, hi) in r["res"].items():
@@ -155,6 +207,7 @@ def format_table(runs) -> str:
                      "pair timed back to back")
         lines.append(f"bar (emlora k=1 per token <= 1.1x base): {'met' if e <= 1.1 else 'NOT met'}"
                      f" ({e:.3f}x)")
+        lines += floor_lines(r["floor"])
         lines.append(r["load"])
         lines.append("")
     lines.append(runs[0]["machine"])
@@ -175,11 +228,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or both")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's, 2 on the 2-core machine)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall: perf_counter; cpu: this thread's CPU time (needs --threads 1; "
+                         "for a loaded machine)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the table only (do not touch bench/RESULTS.md)")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     dts = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
            "both": [torch.float32, torch.bfloat16]}[a.dtype]
-    runs = [run(a.steps, a.reps, dtype=dt) for dt in dts]
+    runs = [run(a.steps, a.reps, dtype=dt, clock=a.clock) for dt in dts]
     table = format_table(runs)
     print(table)
     if not a.no_write:

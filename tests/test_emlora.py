@@ -624,3 +624,42 @@ def test_routing_plan_built_once_per_generation_and_renewed(base, monkeypatch):
                             max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(g2, f2)
     assert not torch.equal(g1, g2)
+
+
+def test_bench_floor_counts_the_selected_factors(base, monkeypatch):
+    """bench_emlora's floor: base bytes = every nn.Linear weight of the base model; EM-LoRA bytes
+    = A + B of each (module, adapter) some row's routing selected, counted here by hand from the
+    fp64 reference's decisions (a second count, from the equations, not from the decision)."""
+    import importlib
+    import pathlib
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))  # bench/
+    BE = importlib.import_module("bench.bench_emlora")
+
+    lib = _lib(base)
+    model = lmf.patch(copy.deepcopy(base), lib)
+    ems = [_em(model, "t1", seed=4, top_k=1), _em(model, "t2", seed=8, top_k=2)]
+    E.attach(model, *ems)
+    names = ["t1", "t2", "t1", "__base__"]
+    ids, att = _batch(B=4, L=6, seed=2)
+    enc = {"input_ids": ids, "attention_mask": att}
+    d = BE.Decoder(model, enc, names)
+    d.prefill()
+    fb = BE.floor_bytes(base, model, d)
+    ref = Reference(base, lib, ems, names, att)
+    with torch.no_grad():
+        ref(ids)
+    d.close()
+    el = 8  # fp64
+    want_base = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    assert fb["base"] == want_base * el
+    pairs = set()
+    for l, (lp, ms) in enumerate(ems[0].layers):
+        for b, n in enumerate(names[:3]):
+            pairs |= {(ms[j], n) for j in ref.decisions[(lp, b)][1]}
+    want = sum(lib.factors(n)[m].A.numel() + lib.factors(n)[m].B.numel() for m, n in pairs)
+    assert fb["emlora"] == want * el
+    assert sum(fb["kinds"].values()) == len(pairs)
+    want_lora = sum(f.A.numel() + f.B.numel() for n in ("t1", "t2")
+                    for f in lib.factors(n).values())
+    assert fb["lora"] == want_lora * el > fb["emlora"]
