@@ -607,3 +607,17 @@ def test_add_errors_name_the_argument(monkeypatch):
         ops.multi_lora_add_(y, x, A, B, scale, rank, torch.full((6, 1), -2), None)
     with pytest.raises(RuntimeError, match="inference only"):
         ops.multi_lora_add_(y, x.requires_grad_(), A, B, scale, rank, idx, None)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_add_custom_op_opcheck(backend, monkeypatch):
+    """torch.library.opcheck on loramix::multi_lora_add_ (schema incl. the mutation of y, fake
+    implementation, functionalisation) on fresh random inputs, with -1 rows."""
+    monkeypatch.setenv("LORAMIX_BACKEND", backend)
+    c = Case("oc", M=9, K=24, N=20, E=3, R=4, none_frac=0.3, ranks=(4, 2, 3))
+    x, _, A, B, scale, rank, idx, w, _ = make_inputs(c, seed=21)
+    y = _rand((c.M, c.N), torch.Generator().manual_seed(4), torch.float32)
+    torch.library.opcheck(torch.ops.loramix.multi_lora_add_.default,
+                          (y, x, A, B, scale, rank, idx.long(), None),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
