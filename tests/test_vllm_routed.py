@@ -128,12 +128,14 @@ def _engine(setup, mode: str, tag: str, multiprocessing: bool) -> dict:
     return out
 
 
-# default mode in-process; fused mode (routed batches step aside to the packed path) in vLLM's
-# usual multiprocess engine (the plugin's hooks reach the spawned worker)
-CONFIGS = [("", False), ("fused", True)]
+# default mode and fused mode (routed batches step aside to the packed path), each in a fresh
+# process, in-process engines (the plugin reaching vLLM's spawned worker, where routed.install
+# runs from the same register(), is tested in test_vllm_integration.py; a multiprocess engine
+# here took 112 s against 67 s, past this file's time budget)
+CONFIGS = [("", False), ("fused", False)]
 
 
-@pytest.mark.parametrize("mode,multiprocessing", CONFIGS, ids=["default", "fused_multiprocess"])
+@pytest.mark.parametrize("mode,multiprocessing", CONFIGS, ids=["default", "fused"])
 def test_routed_requests_match_hf_routers(setup, mode, multiprocessing):
     out = _engine(setup, mode, mode or "default", multiprocessing)
     (w,) = out["workers"]
