@@ -40,8 +40,12 @@ def _batches(tok, ex, size):
     out = []
     for i in range(0, len(ex), size):
         ids, att, lab = RE._batch(tok, [(q, a) for _, q, a in ex[i:i + size]], pad)
+        qmask = torch.zeros_like(att, dtype=torch.bool)  # the user's question's tokens
+        for j, (_, q, _) in enumerate(ex[i:i + size]):
+            m = RE.question_span(tok, q)[1]
+            qmask[j, :len(m)] = torch.tensor(m)
         out.append({"input_ids": ids, "attention_mask": att, "labels": lab,
-                    "tasks": [t for t, _, _ in ex[i:i + size]]})
+                    "tasks": [t for t, _, _ in ex[i:i + size]], "question_mask": qmask})
     return out
 
 
@@ -53,13 +57,16 @@ def _keep(b):
 @torch.no_grad()
 def _nll_forward(model, batches, names_of=None, prompt_mask=False):
     """(mean answer NLL, ms per token) of a single-forward strategy. ``prompt_mask``: hand the
-    forward ``prompt_mask`` = the prompt's tokens (not the answer), for routers that pool over
-    the prompt (a teacher-forced pass must not route on the answer it scores)."""
+    forward ``prompt_mask`` = the prompt's tokens (not the answer; a teacher-forced pass must not
+    route on the answer it scores), or with ``"question"`` the user's question's tokens only, for
+    routers that pool over the prompt."""
     tot, n, secs, toks = 0.0, 0, 0.0, 0
     for b in batches:
         ids, att = b["input_ids"], b["attention_mask"]
         kw = {} if names_of is None else {"adapter_names": names_of(b)}
-        if prompt_mask:
+        if prompt_mask == "question":
+            kw["prompt_mask"] = b["question_mask"]
+        elif prompt_mask:
             kw["prompt_mask"] = (b["labels"] == -100) & (att > 0)
         t0 = time.perf_counter()
         logits = model(input_ids=ids, attention_mask=att, **kw).logits
@@ -154,7 +161,7 @@ def _save_cache(path, key, rows) -> None:
     data = _read_cache(path)
     k = json.dumps(key, sort_keys=True)
     old = {r["name"]: r for r in data.get(k, [])}
-    old.update({r["name"]: r for r in rows})
+    old.update({r["name"]: {f: v for f, v in r.items() if f != "cached"} for r in rows})
     data[k] = list(old.values())
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -199,7 +206,7 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
         if pat is None or pat.search(name):
             return True
         if name in cached:
-            rows.append(cached[name])
+            rows.append({**cached[name], "cached": True})
         return False
 
     def add(name, nll_ms, em_fn, fwd, fit_s=0.0, note=""):
@@ -261,6 +268,17 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
                 note="+1 base pass over the prompt to route; EM pools over the whole "
                      "templated prompt" if prompt else "")
             lmf.set_router(model, None)
+        name = "prompt Arrow top-1 (model scope, question span)"
+        if want(name):
+            from bench.prompt_routing_real import answers
+
+            router = lmf.PromptCached(lmf.Arrow(top_k=1), scope="model")
+            lmf.set_router(model, router)
+            add(name, _nll_forward(model, tb, prompt_mask="question"),
+                lambda: RE.exact_match(answers(model, tok, [q for _, q, _ in test], span=True,
+                                               max_new_tokens=20)[0], [a for _, _, a in test]),
+                1, note="pools over the user's question's tokens only (prompt_mask), NLL and EM")
+            lmf.set_router(model, None)
         for init, lr in (("zero", 1e-3), ("arrow", 1e-3)):
             if not want(f"learned routing ({init} init)"):
                 continue
@@ -279,7 +297,8 @@ def run(quick=False, *, n_test=None, n_train=None, steps=None, em=True, model=No
     finally:
         lmf.unpatch(model)
     meta = dict(machine=machine(), load=load_line(load0), n_test=n_test, n_train=n_train,
-                steps=steps, em=em, tasks=tasks, seconds=time.perf_counter() - t_all)
+                steps=steps, em=em, tasks=tasks, seconds=time.perf_counter() - t_all,
+                cached=sum(bool(r.get("cached")) for r in rows))
     return rows, meta
 
 
@@ -437,13 +456,17 @@ def _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps):
 
 
 def format_table(rows, meta) -> str:
-    lines = [f"Machine: {meta['machine']}; {meta['load']}",
+    lines = [f"Machine: {meta['machine']}; {meta['load']}"
+             + (f"; {meta['note']}" if meta.get("note") else ""),
              f"SmolLM2-135M-Instruct (fp32), experts {'/'.join(meta['tasks'])} (bench/real_experts.py); "
              f"{meta['n_test']} held-out examples per task for NLL and exact match, "
              f"{meta['n_train']} training examples per task (pooled) to fit; merges and learned "
              f"routers: {meta['steps']} Adam steps of 16 rows; ensemble weights: 300 steps on "
-             f"stored per-token outputs; greedy, 20 new tokens; run took {meta['seconds']:.0f}s",
-             ("EM: not run (--no-em)" if meta.get("em") is False else "") + "; "
+             f"stored per-token outputs; greedy, 20 new tokens; "
+             + (f"{meta['cached']} of the {len(rows)} rows from the row cache (earlier runs, "
+                "same settings; --only); " if meta.get("cached") else "")
+             + f"this run took {meta['seconds']:.0f}s",
+             ("EM: not run (--no-em); " if meta.get("em") is False else "") +
              "NLL: mean over answer tokens (lower is better); EM: exact match; fwd/tok: model "
              "forwards per token; ms/tok: scoring pass wall time per token (shared, loaded CPU)",
              "", f"{'strategy':>30} | {'NLL':>6} | {'EM':>5} | fwd/tok | {'ms/tok':>6} | fit s | note",
@@ -461,6 +484,10 @@ def format_table(rows, meta) -> str:
         if a not in by or b not in by:
             return "n/a"
         x, y = by[a][key], by[b][key]
+        if x is None or y is None:
+            return "n/a"
+        if x == y:
+            return f"equal ({x:.3f} vs {y:.3f})"
         better = x < y if key == "nll" else x > y
         return f"{'yes' if better else 'no'} ({x:.3f} vs {y:.3f})"
 
@@ -478,7 +505,20 @@ def format_table(rows, meta) -> str:
               "  routing (learned, arrow init) > merging (learned delta layer): "
               + cmp("learned routing (arrow init)", "merge learned delta layer"),
               "  routing (Arrow top-1) > merging (uniform delta): "
-              + cmp("Arrow top-1", "merge uniform delta")]
+              + cmp("Arrow top-1", "merge uniform delta"),
+              "  ELREA > uniform logit ensemble: " + cmp("ELREA", "ensemble uniform logits"),
+              "", "the same claims by exact match (higher is better):",
+              "  probability > logit ensembling (uniform / learned): "
+              + cmp("ensemble uniform probs", "ensemble uniform logits", "em") + " / "
+              + cmp("ensemble learned probs", "ensemble learned logits", "em"),
+              "  learned > uniform (probs ensemble / delta merge global): "
+              + cmp("ensemble learned probs", "ensemble uniform probs", "em") + " / "
+              + cmp("merge learned delta global", "merge uniform delta", "em"),
+              "  routing (learned, arrow init) > merging (learned delta layer): "
+              + cmp("learned routing (arrow init)", "merge learned delta layer", "em"),
+              "  prompt routing (question span) vs oracle: "
+              + cmp("prompt Arrow top-1 (model scope, question span)", "oracle (task's expert)",
+                    "em")]
     return "\n".join(lines)
 
 
@@ -504,10 +544,13 @@ def main(argv=None) -> int:
                          "from the row cache of an earlier run with the same settings")
     ap.add_argument("--cache", default=None,
                     help=f"row cache (JSON; default {CACHE}); every measured row is saved there")
+    ap.add_argument("--note", default=None,
+                    help="a line for the table's header (e.g. how and when cached rows were run)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows, meta = run(a.quick, n_test=a.n_test, n_train=a.n_train, steps=a.steps,
                      em=not a.no_em, only=a.only, cache=a.cache)
+    meta["note"] = a.note
     if a.no_timing:
         for r in rows:
             r["ms"] = None
