@@ -21,12 +21,7 @@ from loramix_fast import _cpp, ops, reference
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: OpenMP barriers only cost time on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.py)
 
 
 @pytest.fixture(params=["reference", "cpp"])

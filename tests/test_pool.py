@@ -18,12 +18,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 N_ADAPTERS = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.py)
 
 
 @pytest.fixture(scope="module")

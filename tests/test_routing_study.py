@@ -16,13 +16,7 @@ import torch
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "routing_study.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny linear algebra (thin QRs, r x r SVDs): extra threads only spin on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from loramix_fast.testing import AdapterSpec, tiny_model, write_peft_adapters
 V = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread only adds barrier waits (10 ms per op on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.py)
 
 
 @pytest.fixture(scope="module")
