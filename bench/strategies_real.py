@@ -80,18 +80,24 @@ def _nll_forward(model, batches, names_of=None, prompt_mask=False):
 
 
 @torch.no_grad()
-def _nll_ensemble(model, batches, experts, w, mode):
+def _score(batches, lp_of):
+    """(mean answer NLL, ms per token) of a strategy whose ``lp_of(i, batch)`` returns the
+    next-token log-probabilities [B, L-1] of batch i; the call is what is timed."""
     tot, n, secs, toks = 0.0, 0, 0.0, 0
-    for b in batches:
+    for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        lp = lmf.ensemble_logprobs(model, b["input_ids"], experts, w, mode=mode,
-                                   attention_mask=b["attention_mask"])
+        lp = lp_of(i, b)
         secs += time.perf_counter() - t0
         toks += int(b["attention_mask"].sum())
         k = _keep(b)
         tot -= float(lp[k].sum())
         n += int(k.sum())
     return tot / n, 1e3 * secs / toks
+
+
+def _nll_ensemble(model, batches, experts, w, mode):
+    return _score(batches, lambda i, b: lmf.ensemble_logprobs(
+        model, b["input_ids"], experts, w, mode=mode, attention_mask=b["attention_mask"]))
 
 
 def _em_single(model, tok, ex, names=None, new=20):
@@ -382,18 +388,8 @@ def _elrea_rows(model, tok, lib, tasks, train, test, tb, trb, add, steps):
             off = sum(x["input_ids"].shape[0] for x in test_b[:i])
             return w[off:off + n]
 
-        @torch.no_grad()
         def score(fn):
-            tot, n, secs, toks = 0.0, 0, 0.0, 0
-            for i, b in enumerate(test_b):
-                t = time.perf_counter()
-                lp = fn(b, rows_of(i))
-                secs += time.perf_counter() - t
-                toks += int(b["attention_mask"].sum())
-                k = _keep(b)
-                tot -= float(lp[k].sum())
-                n += int(k.sum())
-            return tot / n, 1e3 * secs / toks
+            return _score(test_b, lambda i, b: fn(b, rows_of(i)))
 
         def token_lp(b, names=None):
             kw = {} if names is None else {"adapter_names": names}

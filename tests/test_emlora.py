@@ -22,6 +22,20 @@ from loramix_fast.testing import tiny_model
 MODS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _manual_greedy(model, ids, att, names, steps):
+    """Greedy decoding by hand (prompt forward, then one token per forward with the KV cache)
+    inside ``lmf.route_once``: the prompt plus ``steps`` tokens."""
+    with lmf.route_once(model):
+        out = model(ids, attention_mask=att, adapter_names=names, use_cache=True)
+        seq, a = ids, att
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq, a = torch.cat([seq, nxt], 1), torch.cat([a, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=a, cache=out.cache, use_cache=True,
+                        adapter_names=names)
+    return seq
+
+
 @pytest.fixture(scope="module")
 def base():
     return tiny_model("llama", init_range=0.1, seed=3, layers=3).double()
@@ -248,15 +262,7 @@ def test_routers_run_on_the_prompt_only(base, monkeypatch):
         assert calls[0] == 2 * n_layers
         calls[0] = 0
         # a manual decode loop inside route_once: same tokens as generate, routers on the prompt
-        with lmf.route_once(model):
-            out = model(ids, attention_mask=att, adapter_names=names, use_cache=True)
-            seq, a = ids, att
-            for _ in range(6):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                seq = torch.cat([seq, nxt], 1)
-                a = torch.cat([a, torch.ones_like(nxt)], 1)
-                out = model(nxt, attention_mask=a, cache=out.cache, use_cache=True,
-                            adapter_names=names)
+        seq = _manual_greedy(model, ids, att, names, 6)
         assert calls[0] == 2 * n_layers
         assert torch.equal(seq, g1)
         # without route_once a decode step has no decision: an error, not routing on one token
@@ -601,14 +607,7 @@ def test_routing_plan_built_once_per_generation_and_renewed(base, monkeypatch):
         assert built[0] == 2 * n_mods
         # a manual loop inside route_once: plans built on the prompt and its first decode step
         built[0] = 0
-        with lmf.route_once(model):
-            out = model(ids, attention_mask=att, adapter_names=names, use_cache=True)
-            seq, a = ids, att
-            for _ in range(6):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                seq, a = torch.cat([seq, nxt], 1), torch.cat([a, torch.ones_like(nxt)], 1)
-                out = model(nxt, attention_mask=a, cache=out.cache, use_cache=True,
-                            adapter_names=names)
+        seq = _manual_greedy(model, ids, att, names, 6)
         assert built[0] == 2 * n_mods
         assert torch.equal(seq, g1)
         # a new scope after the exit: a fresh decision and plans for the other prompt, whose
