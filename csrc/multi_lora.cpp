@@ -48,6 +48,10 @@ constexpr int64_t kGemmRows = 64;    // rows per GEMM call (large path)
 // moves < 1 MB of adapters; a fork/join costs microseconds when idle and a scheduler slice when the
 // machine is oversubscribed).
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
+// The same for a delta added after torch's base GEMM (aten16): one multiply-add per adapter element
+// read, memory-bound, so both cores' bandwidth is worth a fork from 16 K multiply-adds (32 KB of
+// bf16 factors) on.
+constexpr int64_t kMinMemWorkPerThread = int64_t{1} << 14;
 
 // Groups with at least this many rows take the GEMM path. On a 2-core AVX-512 EPYC (d = 2048,
 // r = 16) the per-row kernels tied or beat one MKL call per 64 rows even for a 1024-row group (the
@@ -1111,11 +1115,18 @@ const Gemm16 kMklBf16 = cblas_gemm_bf16bf16f32, kMklF16 = cblas_gemm_f16f16f32;
 const Gemm16 kMklBf16 = nullptr, kMklF16 = nullptr;
 #endif
 
-// MKL's GEMM for T, or null (then at::addmm in T: two roundings). Default: MKL for bf16; torch's
-// GEMM for fp16 (MKL's fp16 GEMM measured 2.5-4x slower than torch's fp16 F.linear at M <= 16 on
-// a Xeon with AVX512-FP16, which oneDNN uses). LORAMIX_CPP_GEMM16=mkl|aten (read per call) picks.
+// The base GEMM of the 16-bit paths past the fused small-M kernel, for an [M, K] x [K, N] product:
+// MKL's T x T -> fp32 GEMM (one rounding of base + bias + delta), or null: torch's GEMM in T, then
+// the delta in place (aten16, two roundings, within the 2x rule). Defaults, measured:
+//   fp16 -> torch (MKL's fp16 GEMM measured 2.5-4x slower than torch's fp16 F.linear at M <= 16 on
+//     a Xeon with AVX512-FP16, which oneDNN uses);
+//   bf16 -> MKL, except on AMX for large products (M >= 2048, or M >= 256 with N >= 1024): there
+//     torch's bf16 GEMM (oneDNN on the tiles) made the op 1.1-1.45x faster than MKL's column-chunked
+//     GEMM (2-core Xeon with AMX-BF16; d = 576-4096, M = 256-2048), while at M = 7-255, or N < 1024
+//     below M = 2048 (SmolLM2's 576-wide layers at prefill), MKL ran level with it or faster.
+// LORAMIX_CPP_GEMM16=mkl|aten (read per call) forces either.
 template <typename T>
-Gemm16 gemm16() {
+Gemm16 gemm16(CpuIsa isa, int64_t M = 0, int64_t N = 0) {
   constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
   const Gemm16 mkl = bf16 ? kMklBf16 : kMklF16;
   const char* s = std::getenv("LORAMIX_CPP_GEMM16");
@@ -1124,7 +1135,9 @@ Gemm16 gemm16() {
                       "LORAMIX_CPP_GEMM16 must be 'mkl' or 'aten', got '", s, "'");
     return std::strcmp(s, "aten") == 0 ? nullptr : mkl;
   }
-  return bf16 ? mkl : nullptr;
+  if (!bf16) return nullptr;
+  const bool large = M >= 2048 || (M >= 256 && N >= 1024);
+  return isa == CpuIsa::kAmx && large ? nullptr : mkl;
 }
 
 // A logical [rows, cols] matrix t as a row-major GEMM operand: (data, transposed?, leading dim).
@@ -1150,31 +1163,6 @@ bool fits_int(std::initializer_list<int64_t> v) {
   for (int64_t i : v)
     if (i > std::numeric_limits<int>::max()) return false;
   return true;
-}
-
-// C [M, N] fp32 contiguous = x @ W.T (MKL, exact products, fp32 sums); bias_in_c reports whether
-// the fallback (at::addmm in T, rounded, then widened) already added the bias.
-template <typename T>
-at::Tensor base_f32(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
-                    bool& bias_in_c) {
-  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
-  const Gemm16 g = gemm16<T>();
-  if (g != nullptr && fits_int({M, N, K})) {
-    bias_in_c = false;
-    at::Tensor C = at::empty({M, N}, x.options().dtype(at::kFloat));
-    if (M == 0 || N == 0) return C;
-    if (K == 0) return C.zero_();
-    const Operand a = operand(x), b = operand(W.t());
-    if (fits_int({a.ld, b.ld})) {
-      g(kCblasRowMajor, a.trans, b.trans, static_cast<int>(M), static_cast<int>(N),
-        static_cast<int>(K), 1.f, a.p, static_cast<int>(a.ld), b.p, static_cast<int>(b.ld), 0.f,
-        C.data_ptr<float>(), static_cast<int>(N));
-      return C;
-    }
-  }
-  bias_in_c = bias.has_value() && bias->defined();
-  const at::Tensor y = bias_in_c ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
-  return y.to(at::kFloat).contiguous();
 }
 
 // Large groups' shrink as one MKL GEMM each: hc[p, :rank] = c[p] * (x[rows] @ A[e, :rank].T).
@@ -1329,6 +1317,35 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
 }
 #endif
 
+// The shrink of every small-path block: hc[p, :rank] = c[p] * A[e, :rank] @ x[row[p]] (parallel over
+// blocks; large groups are shrunk by the caller).
+void shrink_blocks16(const Plan<float>& pl, const Kern16& kn, const char* xp, int64_t sx,
+                     const char* Ap, int64_t sAe, int64_t sAr, int64_t K, int64_t esz, float* hc,
+                     int64_t R, int64_t min_work = kMinWorkPerThread) {
+  const auto& bl = pl.blocks;
+  if (bl.empty()) return;
+  int64_t work = 0;
+  for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
+  const int64_t nblk = static_cast<int64_t>(bl.size());
+  const int64_t grain = std::max<int64_t>(1, min_work * nblk / std::max<int64_t>(1, work));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto& blk = bl[b];
+      const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
+      for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
+        const void* xs[4];
+        float* hs[4];
+        const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
+        for (int j = 0; j < nbj; ++j) {
+          xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx * esz;
+          hs[j] = hc + (blk.p0 + j0 + j) * R;
+        }
+        kn.shrink(xs, nbj, Ap + e * sAe * esz, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
+      }
+    }
+  });
+}
+
 // M > small_m_rows with MKL: the shrink of every pair into hc (parallel over blocks; large
 // groups as MKL GEMMs), then ONE parallel region over chunks of output columns, each chunk: MKL's
 // GEMM on its columns (single-threaded inside the region, into a thread-local [M, cw] fp32 block
@@ -1356,29 +1373,8 @@ at::Tensor gemm_chunked16(const at::Tensor& x, const at::Tensor& W, const at::Te
   const int64_t sx = x.stride(0), sAe = A.stride(0), sAr = A.stride(1);
   at::Tensor hc_t = at::empty({pl.P, std::max<int64_t>(R, 1)}, x.options().dtype(at::kFloat));
   float* hc = hc_t.data_ptr<float>();
-  if (!pl.blocks.empty()) {
-    const auto& bl = pl.blocks;
-    int64_t work = 0;
-    for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
-    const int64_t nblk = static_cast<int64_t>(bl.size());
-    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
-    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const auto& blk = bl[b];
-        const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
-        for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
-          const void* xs[4];
-          float* hs[4];
-          const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
-          for (int j = 0; j < nbj; ++j) {
-            xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx;
-            hs[j] = hc + (blk.p0 + j0 + j) * R;
-          }
-          kn.shrink(xs, nbj, Ap + e * sAe, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
-        }
-      }
-    });
-  }
+  shrink_blocks16(pl, kn, reinterpret_cast<const char*>(xp), sx, reinterpret_cast<const char*>(Ap),
+                  sAe, sAr, K, sizeof(T), hc, R);
   if (!pl.large.empty()) shrink_large16<T>(pl, x, A, g, hc, R);
   // column chunks: >= 2 per thread, 64..256 wide
   const int64_t nt = std::max(1, at::get_num_threads());
@@ -1420,118 +1416,108 @@ at::Tensor gemm_chunked16(const at::Tensor& x, const at::Tensor& W, const at::Te
   return y;
 }
 
-// y [M, N] in T = x @ W.T + bias + delta, rounded once (see the section header).
+// torch's 16-bit GEMM for the base (oneDNN: the AMX tiles where the CPU has them), y = round(x @ W.T
+// + bias) as F.linear gives it, then the delta of the rows that have an adapter added in place:
+// y[m] = round(float(y[m]) + delta[m]) (two roundings; rows without an adapter are torch's output,
+// bit for bit). The shrink as everywhere (blocks; large groups as MKL GEMMs where MKL has the bf16
+// GEMM), then ONE parallel region over chunks of output columns: each widens its columns of the
+// adapted rows into a thread-local fp32 block [rows, cw] (it stays in L2), adds every pair's expand
+// and rounds back. Nothing of size M x N besides y; W is read once, by torch.
+template <typename T>
+at::Tensor aten16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
+                  const Meta& mt, const std::optional<at::Tensor>& bias_, const Kern16& kn,
+                  CpuIsa isa) {
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
+  const int64_t S = mt.idx.size(1);
+  at::Tensor y = bias_.has_value() && bias_->defined() ? at::addmm(*bias_, x, W.t())
+                                                       : at::mm(x, W.t());
+  if (!y.is_contiguous()) y = y.contiguous();
+  if (M == 0 || N == 0 || E == 0 || R == 0 || S == 0 || K == 0) return y;
+  const Gemm16 g = std::is_same_v<T, c10::BFloat16> && fits_int({M, K, A.stride(1)}) ? kMklBf16
+                                                                                      : nullptr;
+  // large groups need MKL's GEMM for their shrink: without it every group takes the block path
+  const int64_t big = g == nullptr ? std::numeric_limits<int64_t>::max()
+                                   : large_group_rows(isa == CpuIsa::kAmx
+                                                          ? int64_t{256}
+                                                          : std::numeric_limits<int64_t>::max());
+  const Plan<float> pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16, big);
+  if (pl.P == 0) return y;
+  at::Tensor hc_t = at::empty({pl.P, R}, x.options().dtype(at::kFloat));
+  float* hc = hc_t.data_ptr<float>();
+  const int64_t esz = sizeof(T);
+  shrink_blocks16(pl, kn, static_cast<const char*>(x.data_ptr()), x.stride(0),
+                  static_cast<const char*>(A.data_ptr()), A.stride(0), A.stride(1), K, esz, hc, R,
+                  kMinMemWorkPerThread);
+  if (!pl.large.empty()) shrink_large16<T>(pl, x, A, g, hc, R);
+  // the adapted rows, compacted: slot[m] = row m's place in the fp32 blocks
+  std::vector<int64_t> rows, slot(M, -1);
+  for (int64_t p = 0; p < pl.P; ++p)
+    if (slot[pl.row[p]] < 0) {
+      slot[pl.row[p]] = static_cast<int64_t>(rows.size());
+      rows.push_back(pl.row[p]);
+    }
+  const int64_t Mr = static_cast<int64_t>(rows.size());
+  const int64_t nt = std::max(1, at::get_num_threads());
+  const int64_t cw = std::clamp<int64_t>((N / (2 * nt) + 15) / 16 * 16, 64, 256);
+  const int64_t nchunk = (N + cw - 1) / cw;
+  int64_t work_per_col = 2 * Mr;  // widen + round
+  for (const auto& blk : pl.blocks) work_per_col += blk.nb * pl.grank[blk.g];
+  for (int64_t grp : pl.large) work_per_col += (pl.gbeg[grp + 1] - pl.gbeg[grp]) * pl.grank[grp];
+  const int64_t grain =
+      std::max<int64_t>(1, kMinMemWorkPerThread / std::max<int64_t>(1, work_per_col * cw));
+  const char* Bc = static_cast<const char*>(B.data_ptr());
+  const int64_t sBe = B.stride(0), sBn = B.stride(1);
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, nchunk, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<float> Cb(Mr * cw);
+    std::vector<const float*> hs;
+    std::vector<float*> ys;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * cw, nn = std::min(cw, N - n0);
+      for (int64_t i = 0; i < Mr; ++i) {
+        const T* src = yp + rows[i] * N + n0;
+        float* dst = Cb.data() + i * cw;
+        for (int64_t n = 0; n < nn; ++n) dst[n] = static_cast<float>(src[n]);
+      }
+      auto run = [&](int64_t p0, int64_t np, int64_t grp) {
+        hs.resize(np);
+        ys.resize(np);
+        for (int64_t j = 0; j < np; ++j) {
+          hs[j] = hc + (p0 + j) * R;
+          ys[j] = Cb.data() + slot[pl.row[p0 + j]] * cw;
+        }
+        kn.expand(Bc + (pl.gexp[grp] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[grp], np,
+                  hs.data(), ys.data());
+      };
+      for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
+      for (int64_t grp : pl.large) run(pl.gbeg[grp], pl.gbeg[grp + 1] - pl.gbeg[grp], grp);
+      for (int64_t i = 0; i < Mr; ++i)
+        kn.round(Cb.data() + i * cw, nullptr, yp + rows[i] * N + n0, nn);
+    }
+  });
+  return y;
+}
+
+// y [M, N] in T = x @ W.T + bias + delta (see the section header): the fused small-M kernel (bf16,
+// M <= small_m_rows), MKL's fp32-output GEMM + the delta (one rounding), or torch's 16-bit GEMM +
+// the delta in place (aten16: two roundings), as gemm16<T>(isa) picks.
 template <typename T>
 at::Tensor linear16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
                     const at::Tensor& B, const Meta& mt, const std::optional<at::Tensor>& bias_) {
   const CpuIsa isa = cpu_isa();
   const Kern16 kn = kernels16<T>(isa);
-  const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
-  const int64_t S = mt.idx.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
 #ifdef LMF_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (isa >= CpuIsa::kAvx512Bf16 && M <= small_m_rows(isa) && (K <= 1 || W.stride(1) == 1))
       return small16(x, W, A, B, mt, bias_, kn);
   }
 #endif
-  {
-    const Gemm16 g = gemm16<T>();
-    if (g != nullptr && fits_int({M, N, K}) && fits_int({x.stride(0), x.stride(1), W.stride(0),
-                                                          W.stride(1)}))
-      return gemm_chunked16<T>(x, W, A, B, mt, bias_, kn, isa, g);
-  }
-  bool bias_in_c = false;
-  at::Tensor C = base_f32<T>(x, W, bias_, bias_in_c);  // [M, N] fp32
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  at::Tensor bias_t;
-  if (!bias_in_c && bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
-  const void* bias = bias_t.defined() ? bias_t.data_ptr() : nullptr;
-  float* Cp = C.data_ptr<float>();
-  T* yp = y.data_ptr<T>();
-  const Gemm16 g = gemm16<T>();
-  const int64_t big = large_group_rows(isa == CpuIsa::kAmx && g != nullptr
-                                           ? int64_t{256} : std::numeric_limits<int64_t>::max());
-  Plan<float> pl;
-  if (E > 0 && R > 0 && S > 0)
-    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16, g != nullptr ? big
-                                                          : std::numeric_limits<int64_t>::max());
-  const T* xp = x.data_ptr<T>();
-  const T* Ap = A.data_ptr<T>();
-  const T* Bp = B.data_ptr<T>();
-  const int64_t sx = x.stride(0), sAe = A.stride(0), sAr = A.stride(1), sBe = B.stride(0),
-                sBn = B.stride(1);
-  if (pl.P == 0 || (S == 1 && pl.chunks.empty())) {
-    // One parallel region over blocks; block b also rounds its share of the rows with no adapter.
-    std::vector<int64_t> plain;
-    {
-      std::vector<char> has(M, 0);
-      for (int64_t p = 0; p < pl.P; ++p) has[pl.row[p]] = 1;
-      for (int64_t m = 0; m < M; ++m)
-        if (!has[m]) plain.push_back(m);
-    }
-    const int64_t nblk = static_cast<int64_t>(pl.blocks.size()), nplain = static_cast<int64_t>(plain.size());
-    const int64_t items = std::max<int64_t>({int64_t{1}, nblk, (nplain + 15) / 16});
-    const int64_t per = (nplain + items - 1) / items;
-    int64_t work = static_cast<int64_t>(plain.size()) * N;
-    for (const auto& blk : pl.blocks) work += blk.nb * (pl.grank[blk.g] * (K + N) + N);
-    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * items / std::max<int64_t>(1, work));
-    at::parallel_for(0, items, grain, [&](int64_t b0, int64_t b1) {
-      std::vector<float> hbuf(kBlock16 * std::max<int64_t>(R, 1));
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b < nblk) {
-          const auto& blk = pl.blocks[b];
-          const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g], nb = blk.nb;
-          const void* xs[kBlock16];
-          float* hs[kBlock16];
-          float* ys[kBlock16];
-          for (int64_t j = 0; j < nb; ++j) {
-            xs[j] = xp + pl.row[blk.p0 + j] * sx;
-            hs[j] = hbuf.data() + j * R;
-            ys[j] = Cp + pl.row[blk.p0 + j] * N;
-          }
-          for (int64_t j = 0; j < nb; j += 4)
-            kn.shrink(xs + j, static_cast<int>(std::min<int64_t>(4, nb - j)), Ap + e * sAe, sAr,
-                      rank, K, pl.coef.data() + blk.p0 + j, hs + j);
-          kn.expand(Bp + e * sBe, sBn, N, rank, nb, hs, ys);
-          for (int64_t j = 0; j < nb; ++j)
-            kn.round(ys[j], bias, yp + pl.row[blk.p0 + j] * N, N);
-        }
-        const int64_t q1 = std::min<int64_t>(nplain, (b + 1) * per);
-        for (int64_t q = b * per; q < q1; ++q) kn.round(Cp + plain[q] * N, bias, yp + plain[q] * N, N);
-      }
-    });
-    return y;
-  }
-  // Two phases: shrink of every pair into hc, then expand + round over N ranges.
-  at::Tensor hc_t = at::empty({pl.P, R}, x.options().dtype(at::kFloat));
-  float* hc = hc_t.data_ptr<float>();
-  {
-    const auto& bl = pl.blocks;
-    int64_t work = 0;
-    for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
-    const int64_t nblk = static_cast<int64_t>(bl.size());
-    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
-    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const auto& blk = bl[b];
-        const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
-        for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
-          const void* xs[4];
-          float* hs[4];
-          const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
-          for (int j = 0; j < nbj; ++j) {
-            xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx;
-            hs[j] = hc + (blk.p0 + j0 + j) * R;
-          }
-          kn.shrink(xs, nbj, Ap + e * sAe, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
-        }
-      }
-    });
-  }
-  if (!pl.large.empty()) shrink_large16<T>(pl, x, A, g, hc, R);
-  expand_round16(pl, kn, Bp, sizeof(T), sBe, sBn, hc, R, Cp, M, N, bias, yp);
-  return y;
+  const Gemm16 g = gemm16<T>(isa, M, N);
+  if (g != nullptr && fits_int({M, N, K}) && fits_int({x.stride(0), x.stride(1), W.stride(0),
+                                                        W.stride(1)}))
+    return gemm_chunked16<T>(x, W, A, B, mt, bias_, kn, isa, g);
+  return aten16<T>(x, W, A, B, mt, bias_, kn, isa);
 }
 
 // multi_lora_expand on 16-bit y and B: out = round(float(y) + delta), one rounding.
@@ -1733,10 +1719,11 @@ TORCH_LIBRARY_FRAGMENT(loramix_cpp, m) {
 
 namespace loramix {
 namespace {
-// [active path, detected path, 16-bit base GEMM ("mkl" or "aten")], as the next call would use.
+// [active path, detected path, bf16 base GEMM past the small-M kernel ("mkl" or "aten")], as the
+// next call would use.
 std::vector<std::string> cpu_isa_info() {
   return {isa_name(cpu_isa()), isa_name(cpu_isa_detected()),
-          gemm16<c10::BFloat16>() != nullptr ? "mkl" : "aten"};
+          gemm16<c10::BFloat16>(cpu_isa()) != nullptr ? "mkl" : "aten"};
 }
 }  // namespace
 }  // namespace loramix

@@ -328,7 +328,7 @@ def _isa_supported(isa: str) -> bool:
 
 
 PATHS = {  # name: environment
-    "small": {},                                                   # fused small-M kernel (bf16)
+    "small": {"LORAMIX_CPP_SMALL_M": "64", "LORAMIX_CPP_GEMM16": "mkl"},  # fused small-M kernel (bf16)
     "gemm": {"LORAMIX_CPP_SMALL_M": "0", "LORAMIX_CPP_GEMM16": "mkl"},  # MKL fp32 GEMM + delta
     "large": {"LORAMIX_CPP_SMALL_M": "0", "LORAMIX_CPP_GEMM16": "mkl",
               "LORAMIX_CPP_LARGE_GROUP": "1"},                                  # + grouped shrink
@@ -363,7 +363,7 @@ def _half_ulp_check(y, y_ref, dt):
 
 # (isa, path, dtype) combinations that run different code: the fused small-M kernel is bf16 on
 # AVX512-BF16 only; fp16 has no AVX512-BF16 kernels (it runs the AVX-512 ones there)
-COMBOS16 = ([("amx", p, torch.bfloat16) for p in ("small", "gemm", "large")]
+COMBOS16 = ([("amx", p, torch.bfloat16) for p in PATHS]
             + [("avx512bf16", p, torch.bfloat16) for p in PATHS]
             + [(i, p, torch.bfloat16) for i in ("avx512", "avx2", "generic") for p in ("gemm", "large", "aten")]
             + [("avx512", p, torch.float16) for p in ("gemm", "large", "aten")]
@@ -398,6 +398,50 @@ def test_linear16_each_isa_and_path(c: Case, isa, path, dt, monkeypatch):
     _check(y, y_ref, torch_outs, dt)  # flash-attention's rule
     if path != "aten":
         _half_ulp_check(y, y_ref, dt)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    Case("aten_S1_none", M=300, K=96, N=1030, E=5, R=16, none_frac=0.4, pop="zipf"),
+    Case("aten_S2_w_ranks", M=70, K=40, N=300, E=4, R=12, S=2, weights=True, ranks=(12, 5, 0, 9),
+         none_frac=0.3),
+], ids=lambda c: c.name)
+def test_linear16_aten_rows_without_adapter_are_torch(case, dt, monkeypatch):
+    """LORAMIX_CPP_GEMM16=aten: torch's 16-bit GEMM, then the delta in place. Rows with no adapter
+    are F.linear's output bit for bit (nothing rewrites them); every row within the 2x rule."""
+    monkeypatch.setenv("LORAMIX_CPP_GEMM16", "aten")
+    monkeypatch.setenv("LORAMIX_CPP_SMALL_M", "0")
+    c = Case(**{**case.__dict__, "dtype": dt})
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=13)
+    y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    plain = ((idx < 0) | (rank.long()[idx.clamp_min(0).long()] == 0)).all(1)
+    assert 0 < int(plain.sum()) < c.M
+    base = torch.nn.functional.linear(x, weight, bias)
+    assert torch.equal(y[plain], base[plain])
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias),
+            reference.multi_lora_linear_loop(x, weight, A, B, scale, rank, idx, w, bias)]
+    _check(y, y_ref, outs, dt)
+    assert not torch.equal(y[~plain], base[~plain])  # the delta was added
+
+
+@pytest.mark.parametrize("M", [7, 300, 2048])
+def test_linear16_amx_default_large_products(M, monkeypatch):
+    """On AMX the bf16 default past the small-M kernel is MKL's fp32-output GEMM (one rounding),
+    and torch's bf16 GEMM + the delta in place for large products (M >= 2048, or M >= 256 with
+    N >= 1024): both within the 2x rule of the fp64 reference."""
+    if not _isa_supported("amx"):
+        pytest.skip("needs AVX512-BF16 and MKL (LORAMIX_CPU_ISA=amx)")
+    monkeypatch.setenv("LORAMIX_CPU_ISA", "amx")
+    c = Case("amx_default", M=M, K=64, N=1024, E=6, R=16, pop="zipf", none_frac=0.2,
+             dtype=torch.bfloat16)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=M)
+    y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    _check(y, y_ref, [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)],
+           torch.bfloat16)
+    if M < 256:
+        _half_ulp_check(y, y_ref, torch.bfloat16)  # MKL: one rounding
 
 
 def test_linear16_paths_agree_with_default(monkeypatch):
