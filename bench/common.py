@@ -36,14 +36,21 @@ def machine(device: str = "cpu") -> str:
     """One line: CPU (or GPU) model, core count, torch version and threads."""
     if device == "cuda" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
+    cpu, named = platform.processor() or platform.machine(), False
+    flags: set = set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and not named:
+                cpu, named = line.split(":", 1)[1].strip(), True
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    # the bf16 matrix unit decides which 16-bit GEMMs win (torch's oneDNN on AMX tiles or not)
+    isa = ("AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16, no AMX" if "avx512_bf16" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
+    if isa:
+        cpu = f"{cpu} ({isa})"
     return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 

@@ -40,6 +40,15 @@ SECTIONS = {  # key: (module, title[, keyword arguments of run])
     "model_bf16_1t": ("bench.bench_model",
                       "Multi-tenant model, bf16, 1 thread, decode and prefill (Llama hidden 1024)",
                       {**BF16, "threads": 1, "clock": "cpu"}),
+    # the same on a CPU with AMX-BF16 tiles, where torch's bf16 GEMM is oneDNN on the tiles (the
+    # sections above ran on AVX512-BF16 without AMX): kept side by side, each with its machine
+    "op_bf16_amx": ("bench.bench_multi_lora_op",
+                    "Multi-LoRA linear, op level, bf16, AMX-BF16 CPU (d=2048, r=16, 32 adapters)",
+                    {**BF16, "Ms": (1, 16, 256, 1024, 2048), "pops": ("distinct",),
+                     "providers": ("base", "ours", "peft")}),
+    "model_bf16_amx": ("bench.bench_model",
+                       "Multi-tenant model, bf16, AMX-BF16 CPU, decode and prefill (Llama hidden 1024)",
+                       BF16),
     "routing": ("bench.bench_routing_layer", "Routed layer: SpectR/Arrow (d=2048, T=32, r=8, k=4)"),
     "spectr_op": ("bench.bench_spectr_op", "spectr_topk scoring op"),
     "study": ("bench.routing_study", "Synthetic routing accuracy: SpectR vs Arrow"),

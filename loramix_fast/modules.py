@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops._dispatch import pick_backend
+from .ops.multi_lora import _run
 from .context import _GENERATING, _SELECTION
 
 __all__ = ["MultiLoRALinear"]
@@ -132,6 +134,10 @@ class MultiLoRALinear(nn.Module):
         wt = base.weight if self.lmf_kind == "linear" else base.weight.t()
         if x2.dtype != wt.dtype:
             x2 = x2.to(wt.dtype)
-        y = ops.multi_lora_linear(x2, wt, stack.A, stack.B, stack.scale, stack.rank, idx, w,
-                                  base.bias, validate=False)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            y = ops.multi_lora_linear(x2, wt, stack.A, stack.B, stack.scale, stack.rank, idx, w,
+                                      base.bias, validate=False)
+        else:  # serving (no_grad / inference_mode): the backend's kernel, no wrapper on the way
+            y = _run(pick_backend(x2, "multi_lora_linear"), x2, wt, stack.A, stack.B, stack.scale,
+                     stack.rank, idx, w, base.bias)
         return y.view(*x.shape[:-1], y.shape[-1])

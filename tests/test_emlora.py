@@ -308,13 +308,8 @@ def test_skipped_modules_get_minus_one(base, monkeypatch):
     ems = [_em(model, "t1", seed=1, top_k=1), _em(model, "t2", seed=2, top_k=2)]
     E.attach(model, *ems)
     seen = {}
-    real = lmf.modules.ops.multi_lora_linear
-
-    def spy(x, weight, A, B, scale, rank, idx, w, bias, **kw):
-        seen.setdefault(id(weight), []).append((idx.clone(), None if w is None else w.clone()))
-        return real(x, weight, A, B, scale, rank, idx, w, bias, **kw)
-
-    monkeypatch.setattr(lmf.modules.ops, "multi_lora_linear", spy)
+    _spy_fused(monkeypatch, lambda x, weight, idx, w: seen.setdefault(id(weight), []).append(
+        (idx.clone(), None if w is None else w.clone())))
     wid = {id(model.get_submodule(n).weight): n for _, ms in ems[0].layers for n in ms}
     ids, att = _batch()
     with torch.no_grad():
@@ -500,16 +495,27 @@ def test_deepcopy_serves_without_emlora(base):
     assert (a - b).abs().max() < 1e-12 and (a - c).abs().max() > 1e-6
 
 
+def _spy_fused(monkeypatch, see):
+    """Call ``see(x, weight, idx, w)`` on every fused-op call of the patched modules: the
+    grad-mode path (``ops.multi_lora_linear``) and the no-grad serving path (``modules._run``)."""
+    real_op, real_run = lmf.modules.ops.multi_lora_linear, lmf.modules._run
+
+    def op(x, weight, A, B, scale, rank, idx, w=None, bias=None, **kw):
+        see(x, weight, idx, w)
+        return real_op(x, weight, A, B, scale, rank, idx, w, bias, **kw)
+
+    def run(backend, x, weight, A, B, scale, rank, idx, w, bias):
+        see(x, weight, idx, w)
+        return real_run(backend, x, weight, A, B, scale, rank, idx, w, bias)
+
+    monkeypatch.setattr(lmf.modules.ops, "multi_lora_linear", op)
+    monkeypatch.setattr(lmf.modules, "_run", run)
+
+
 def _op_calls(monkeypatch):
     """Spy on the fused op: the module paths it runs for (by weight identity), in call order."""
     seen = []
-    real = lmf.modules.ops.multi_lora_linear
-
-    def spy(x, weight, *a, **kw):
-        seen.append(id(weight))
-        return real(x, weight, *a, **kw)
-
-    monkeypatch.setattr(lmf.modules.ops, "multi_lora_linear", spy)
+    _spy_fused(monkeypatch, lambda x, weight, idx, w: seen.append(id(weight)))
     return seen
 
 

@@ -17,8 +17,11 @@ __all__ = ["multi_lora_linear", "multi_lora_expand", "multi_lora_add_", "multi_l
 
 
 def _run(backend, x, weight, A, B, scale, rank, idx, w, bias):
+    """The eager forward on ``backend`` (no checks, no autograd): also the serving hot path of
+    patched modules under ``torch.no_grad``."""
     if backend == "cpp":
-        return torch.ops.loramix_cpp.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+        return torch.ops.loramix_cpp.multi_lora_linear.default(x, weight, A, B, scale, rank, idx, w,
+                                                               bias)
     if backend == "triton":  # the autotuned choice: fused / cuBLAS + shrink + expand / dense
         from ._tuned import multi_lora_linear_tuned
 
