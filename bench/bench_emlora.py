@@ -21,7 +21,8 @@ steps of (provider step / base step). ``python -m bench.bench_emlora [--steps 16
 ``## EM-LoRA decode cost`` section of bench/RESULTS.md (``--threads 1 --clock cpu``: each step's
 single-thread CPU time, for a loaded machine). The table ends with the floor: the bytes a decode
 step must read (the base weights; the A and B of the modules the routers selected) and the ratio
-they imply for a memory-bound step. Hold the lock:
+they imply for a memory-bound step, then the measured floor: the deltas' own time per step (the
+fused ops with the routed ids minus with none), as a ratio over the base step. Hold the lock:
 ``flock /tmp/lmf-bench.lock python -m bench.bench_emlora``.
 """
 from __future__ import annotations
@@ -135,6 +136,39 @@ def floor_bytes(base, model, decoder) -> dict:
     return {"base": base_b, "emlora": em_b, "lora": lora_b, "kinds": kinds}
 
 
+def delta_time(model, decoder, reps: int = 7) -> float:
+    """Seconds a decode step spends in the deltas themselves: every patched module's fused op on
+    its step-shaped input ([rows, in], random) with the routing ``decoder`` decided, minus the same
+    calls with every id -1 (the op's base GEMM alone), summed over the modules, median of ``reps``
+    interleaved passes. What the selected adapters' bytes cost on this machine at the kernels'
+    bandwidth: no implementation of the step that reads them can cost less over the base."""
+    from loramix_fast.modules import MultiLoRALinear
+    from loramix_fast.ops.multi_lora import _run
+    from loramix_fast.ops._dispatch import pick_backend
+
+    decs = decoder.ctx.run(E._serving(model).decisions)
+    mods = {m.lmf_name: m for m in model.modules() if isinstance(m, MultiLoRALinear)}
+    work = []
+    for dec in decs:
+        for name, (i, w) in dec.maps.items():
+            m = mods[name]
+            st, W = m.stack(), m._lmf_base.weight
+            x = torch.randn(i.shape[0], W.shape[1], dtype=W.dtype)
+            work.append((x, W, st, i, torch.full_like(i, -1), w))
+    be = pick_backend(work[0][0], "multi_lora_linear")
+
+    def one(live: bool) -> float:
+        t0 = time.perf_counter()
+        for x, W, st, i, neg, w in work:
+            _run(be, x, W, st.A, st.B, st.scale, st.rank, i if live else neg, w, None)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        one(True), one(False)
+        d = [one(True) - one(False) for _ in range(reps)]
+    return statistics.median(d)
+
+
 def floor_lines(fb: dict) -> list[str]:
     mb = 1e6
     kinds = ", ".join(f"{k.replace('_proj', '')} {v}" for k, v in fb["kinds"].items())
@@ -166,6 +200,7 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
         p = {k: d.prefill() for k, d in ds.items()}
         if it == 0:
             fb = floor_bytes(base, model, ds["emlora k=1"])
+            fb["delta_s"] = delta_time(model, ds["emlora k=1"])
         for _ in range(steps):
             t = {k: d.step() for k, d in ds.items()}
             if it >= warmup:
@@ -208,6 +243,11 @@ def format_table(runs) -> str:
         lines.append(f"bar (emlora k=1 per token <= 1.1x base): {'met' if e <= 1.1 else 'NOT met'}"
                      f" ({e:.3f}x)")
         lines += floor_lines(r["floor"])
+        dl = r["floor"]["delta_s"]
+        lines.append(f"  measured: the deltas alone (each module's fused op with the routed ids minus "
+                     f"with all ids -1) {dl * 1e3:.2f} ms per step = +{dl / b_dec:.1%} of the base "
+                     f"step: the floor on this machine, {1 + dl / b_dec:.3f}x, before any Python "
+                     f"or framework cost")
         lines.append(r["load"])
         lines.append("")
     lines.append(runs[0]["machine"])

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LMF_AVX512 1
@@ -88,6 +89,68 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
 
 inline bool is_float_type(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+// ---------------------------------------------------------------- the ops' shared arguments ------
+// The factor stacks against the input width K and output width N: A [E, R, K], B [E, N, R], both in
+// dt (the dtype of the op's tensor `of`, "x" or "y"). Returns {E, R}.
+inline std::pair<int64_t, int64_t> check_factors(const char* op, const at::Tensor& A,
+                                                 const at::Tensor& B, int64_t K, int64_t N,
+                                                 at::ScalarType dt, const char* of) {
+  check_shape(op, "A", A, {-1, -1, K}, "[E, R, K]");
+  const int64_t E = A.size(0), R = A.size(1);
+  check_shape(op, "B", B, {E, N, R}, "[E, N, R]");
+  TORCH_CHECK(A.scalar_type() == dt, op, ": A must have ", of, "'s dtype ", dt, ", got ", A.scalar_type());
+  TORCH_CHECK(B.scalar_type() == dt, op, ": B must have ", of, "'s dtype ", dt, ", got ", B.scalar_type());
+  return {E, R};
+}
+
+struct Meta {
+  at::Tensor idx, w, scale, rank;  // host copies: int64 / ot / ot / int64, contiguous
+};
+
+// scale [E], rank [E] (values in [0, R]), idx [M, S] (ids in [-1, E)), w [M, S] or none: checked and
+// copied to the kernels' types (ot for scale and w). Values are checked in int64 (int32 ids widen
+// losslessly; nothing is ever narrowed) and raise ValueError, like the Python-side checks of the
+// other backends.
+inline Meta prepare(const char* op, const at::Tensor& scale, const at::Tensor& rank,
+                    const at::Tensor& idx, const std::optional<at::Tensor>& w, int64_t M, int64_t E,
+                    int64_t R, at::ScalarType ot) {
+  check_shape(op, "scale", scale, {E}, "[E]");
+  TORCH_CHECK(is_float_type(scale.scalar_type()), op, ": scale must be a float tensor, got ",
+              scale.scalar_type());
+  check_shape(op, "rank", rank, {E}, "[E]");
+  TORCH_CHECK(rank.scalar_type() == at::kInt || rank.scalar_type() == at::kLong, op,
+              ": rank must be int32 or int64, got ", rank.scalar_type());
+  check_shape(op, "idx", idx, {M, -1}, "[M, S]");
+  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
+              ": idx must be int32 or int64, got ", idx.scalar_type());
+  Meta mt;
+  mt.rank = rank.to(at::kLong).contiguous();
+  const int64_t* rk = mt.rank.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(rk[e] >= 0 && rk[e] <= R, op, ": rank[", e, "] = ", rk[e],
+                      " is outside [0, R] with R = ", R, " (the stack's max rank)");
+  mt.idx = idx.to(at::kLong).contiguous();
+  const int64_t* id = mt.idx.data_ptr<int64_t>();
+  const int64_t S = std::max<int64_t>(1, idx.size(1));
+  for (int64_t i = 0; i < mt.idx.numel(); ++i)
+    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < E, op, ": idx holds adapter id ", id[i], " at [",
+                      i / S, ", ", i % S, "], outside [-1, ", E - 1, "] (E = ", E,
+                      " adapters; -1 = no adapter)");
+  if (w.has_value() && w->defined()) {
+    check_shape(op, "w", *w, {M, idx.size(1)}, "[M, S] (same as idx)");
+    TORCH_CHECK(is_float_type(w->scalar_type()), op, ": w must be a float tensor, got ",
+                w->scalar_type());
+    mt.w = w->to(ot).contiguous();
+  }
+  mt.scale = scale.to(ot).contiguous();
+  return mt;
+}
+
+// t itself when its last stride is 1 (or it has <= 1 column), else a contiguous copy.
+inline at::Tensor unit_last(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
 // ---------------------------------------------------------------- run-time kernel paths ----------

@@ -419,50 +419,6 @@ void fused_small(const Plan<O>& pl, const T* x, int64_t sx, const T* A, int64_t 
 }
 
 // ---------------------------------------------------------------- argument handling -------------
-struct Meta {
-  at::Tensor idx, w, scale, rank;  // host copies: int64 / O / O / int64, contiguous
-};
-
-Meta prepare(const char* op, const at::Tensor& scale, const at::Tensor& rank, const at::Tensor& idx,
-             const std::optional<at::Tensor>& w, int64_t M, int64_t E, int64_t R, at::ScalarType ot) {
-  check_shape(op, "scale", scale, {E}, "[E]");
-  TORCH_CHECK(is_float_type(scale.scalar_type()), op, ": scale must be a float tensor, got ",
-              scale.scalar_type());
-  check_shape(op, "rank", rank, {E}, "[E]");
-  TORCH_CHECK(rank.scalar_type() == at::kInt || rank.scalar_type() == at::kLong, op,
-              ": rank must be int32 or int64, got ", rank.scalar_type());
-  check_shape(op, "idx", idx, {M, -1}, "[M, S]");
-  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
-              ": idx must be int32 or int64, got ", idx.scalar_type());
-  Meta mt;
-  // Values are checked in int64 (int32 ids widen losslessly; nothing is ever narrowed), and
-  // raise ValueError like the Python-side checks of the other backends.
-  mt.rank = rank.to(at::kLong).contiguous();
-  const int64_t* rk = mt.rank.data_ptr<int64_t>();
-  for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK_VALUE(rk[e] >= 0 && rk[e] <= R, op, ": rank[", e, "] = ", rk[e],
-                      " is outside [0, R] with R = ", R, " (the stack's max rank)");
-  mt.idx = idx.to(at::kLong).contiguous();
-  const int64_t* id = mt.idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < mt.idx.numel(); ++i)
-    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < E, op, ": idx holds adapter id ", id[i], " at [",
-                i / std::max<int64_t>(1, idx.size(1)), ", ", i % std::max<int64_t>(1, idx.size(1)),
-                "], outside [-1, ", E - 1, "] (E = ", E, " adapters; -1 = no adapter)");
-  if (w.has_value() && w->defined()) {
-    check_shape(op, "w", *w, {M, idx.size(1)}, "[M, S] (same as idx)");
-    TORCH_CHECK(is_float_type(w->scalar_type()), op, ": w must be a float tensor, got ",
-                w->scalar_type());
-    mt.w = w->to(ot).contiguous();
-  }
-  mt.scale = scale.to(ot).contiguous();
-  return mt;
-}
-
-// x [M, K] with unit last stride (copied only if needed); A / B with unit last stride.
-at::Tensor unit_last(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
 // ================================================================ 16-bit path (bf16 / fp16) =====
 // y = round(C + bias + delta) with C = x @ W.T in fp32 from MKL's mixed-precision GEMM (bf16 x bf16
 // -> fp32; it runs on AMX tiles where the CPU has them) or, for bf16 and small M, from the fused
@@ -1585,12 +1541,9 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   const int64_t M = x_.size(0), K = x_.size(1);
   check_shape(op, "weight", weight, {-1, K}, "[N, K]");
   const int64_t N = weight.size(0);
-  check_shape(op, "A", A_, {-1, -1, K}, "[E, R, K]");
-  const int64_t E = A_.size(0), R = A_.size(1);
-  check_shape(op, "B", B_, {E, N, R}, "[E, N, R]");
+  const std::pair<int64_t, int64_t> er = check_factors(op, A_, B_, K, N, dt, "x");
+  const int64_t E = er.first, R = er.second;
   TORCH_CHECK(weight.scalar_type() == dt, op, ": weight must have x's dtype ", dt, ", got ", weight.scalar_type());
-  TORCH_CHECK(A_.scalar_type() == dt, op, ": A must have x's dtype ", dt, ", got ", A_.scalar_type());
-  TORCH_CHECK(B_.scalar_type() == dt, op, ": B must have x's dtype ", dt, ", got ", B_.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_shape(op, "bias", *bias, {N}, "[N]");
@@ -1683,12 +1636,9 @@ void multi_lora_add_cpu(at::Tensor& y, const at::Tensor& x_, const at::Tensor& A
   const int64_t M = y.size(0), N = y.size(1);
   check_shape(op, "x", x_, {M, -1}, "[M, K]");
   const int64_t K = x_.size(1);
-  check_shape(op, "A", A_, {-1, -1, K}, "[E, R, K]");
-  const int64_t E = A_.size(0), R = A_.size(1);
-  check_shape(op, "B", B_, {E, N, R}, "[E, N, R]");
   TORCH_CHECK(x_.scalar_type() == dt, op, ": x must have y's dtype ", dt, ", got ", x_.scalar_type());
-  TORCH_CHECK(A_.scalar_type() == dt, op, ": A must have y's dtype ", dt, ", got ", A_.scalar_type());
-  TORCH_CHECK(B_.scalar_type() == dt, op, ": B must have y's dtype ", dt, ", got ", B_.scalar_type());
+  const std::pair<int64_t, int64_t> er = check_factors(op, A_, B_, K, N, dt, "y");
+  const int64_t E = er.first, R = er.second;
   const Meta mt = prepare(op, scale, rank, idx, w, M, E, R,
                           dt == at::kDouble ? at::kDouble : at::kFloat);
   if (M == 0 || N == 0 || E == 0 || R == 0 || K == 0 || idx.size(1) == 0) return;

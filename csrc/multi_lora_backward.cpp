@@ -96,47 +96,6 @@ Groups<O> group_pairs(const at::Tensor& idx, const at::Tensor& w, const at::Tens
 }
 
 // ---------------------------------------------------------------- argument handling -------------
-struct Meta {
-  at::Tensor idx, w, scale, rank;  // host copies: int64 / O / O / int64, contiguous
-};
-
-Meta prepare(const char* op, const at::Tensor& scale, const at::Tensor& rank, const at::Tensor& idx,
-             const std::optional<at::Tensor>& w, int64_t M, int64_t E, int64_t R, at::ScalarType ot) {
-  check_shape(op, "scale", scale, {E}, "[E]");
-  TORCH_CHECK(is_float_type(scale.scalar_type()), op, ": scale must be a float tensor, got ",
-              scale.scalar_type());
-  check_shape(op, "rank", rank, {E}, "[E]");
-  TORCH_CHECK(rank.scalar_type() == at::kInt || rank.scalar_type() == at::kLong, op,
-              ": rank must be int32 or int64, got ", rank.scalar_type());
-  check_shape(op, "idx", idx, {M, -1}, "[M, S]");
-  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
-              ": idx must be int32 or int64, got ", idx.scalar_type());
-  Meta mt;
-  mt.rank = rank.to(at::kLong).contiguous();
-  const int64_t* rk = mt.rank.data_ptr<int64_t>();
-  for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK_VALUE(rk[e] >= 0 && rk[e] <= R, op, ": rank[", e, "] = ", rk[e],
-                      " is outside [0, R] with R = ", R, " (the stack's max rank)");
-  mt.idx = idx.to(at::kLong).contiguous();
-  const int64_t* id = mt.idx.data_ptr<int64_t>();
-  const int64_t S = std::max<int64_t>(1, idx.size(1));
-  for (int64_t i = 0; i < mt.idx.numel(); ++i)
-    TORCH_CHECK_VALUE(id[i] >= -1 && id[i] < E, op, ": idx holds adapter id ", id[i], " at [",
-                      i / S, ", ", i % S, "], outside [-1, ", E - 1, "] (E = ", E,
-                      " adapters; -1 = no adapter)");
-  if (w.has_value() && w->defined()) {
-    check_shape(op, "w", *w, {M, idx.size(1)}, "[M, S] (same as idx)");
-    TORCH_CHECK(is_float_type(w->scalar_type()), op, ": w must be a float tensor, got ",
-                w->scalar_type());
-    mt.w = w->to(ot).contiguous();
-  }
-  mt.scale = scale.to(ot).contiguous();
-  return mt;
-}
-
-at::Tensor unit_last(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -348,11 +307,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(
   const int64_t M = x_.size(0), K = x_.size(1);
   check_shape(op, "weight", weight, {-1, K}, "[N, K]");
   const int64_t N = weight.size(0);
-  check_shape(op, "A", A_, {-1, -1, K}, "[E, R, K]");
-  const int64_t E = A_.size(0), R = A_.size(1);
-  check_shape(op, "B", B_, {E, N, R}, "[E, N, R]");
-  TORCH_CHECK(weight.scalar_type() == dt && A_.scalar_type() == dt && B_.scalar_type() == dt, op,
-              ": weight, A and B must have x's dtype ", dt);
+  const std::pair<int64_t, int64_t> er = check_factors(op, A_, B_, K, N, dt, "x");
+  const int64_t E = er.first, R = er.second;
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": weight must have x's dtype ", dt, ", got ",
+              weight.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_shape(op, "bias", *bias, {N}, "[N]");
