@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, splice_section  # noqa: E402
 
 BF16 = {"dtype": torch.bfloat16}
 SECTIONS = {  # key: (module, title[, keyword arguments of run])
@@ -79,12 +79,12 @@ def main(argv=None) -> int:
               f"{datetime.date.today()}; mode: {'quick' if a.quick else 'full'}; fp32 unless noted. "
               "Medians of side-by-side runs after warm-up; ratios are the numbers to compare (this "
               "machine is shared and noisy).\n")
-    sections = {}  # title -> text; with --only, the other sections of an existing file are kept
     out = Path(a.out)
-    if a.only and out.exists():
-        for chunk in out.read_text().split("\n## ")[1:]:
-            title = chunk.split("\n", 1)[0].strip()
-            sections[title] = "## " + chunk.rstrip() + "\n"
+    if not a.only or not out.exists():  # a full run renews the header (machine, date)
+        text = out.read_text() if out.exists() else ""
+        i = text.find("\n## ")
+        out.write_text(header + (text[i:] if i >= 0 else ""))
+    order = [v[1] for v in SECTIONS.values()]
     for k in keys:
         modname, title, *kw = SECTIONS[k]
         t0 = time.perf_counter()
@@ -92,10 +92,9 @@ def main(argv=None) -> int:
         rows = mod.run(a.quick, **(kw[0] if kw else {}))
         table = _table(mod, rows)
         print(f"== {title} ({time.perf_counter() - t0:.0f}s)\n{table}\n", flush=True)
-        sections[title] = f"## {title}\n\n```\n{table}\n```\n"
-    order = [v[1] for v in SECTIONS.values()]
-    parts = [header] + [sections[t] for t in order if t in sections]
-    Path(a.out).write_text("\n".join(parts))
+        # spliced in: every other section (other benchmarks' and hand-written ones) stays as it is;
+        # a new one goes before the first of those listed after it here
+        splice_section(title, f"```\n{table}\n```", out, before=order[order.index(title) + 1:])
     print(f"wrote {a.out}")
     return 0
 

@@ -1,0 +1,42 @@
+"""bench/run_all.py rewrites only the sections it reruns: other benchmarks' sections and
+hand-written ones survive an ``--only`` run and a full run (a full run renews only the header)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from bench import run_all
+
+
+@pytest.fixture
+def fake_sections(monkeypatch):
+    mod = types.ModuleType("lmf_fake_bench")
+    mod.run = lambda quick, **kw: [f"rows {kw.get('tag', 'a')}"]
+    mod.format_table = lambda rows: "\n".join(rows)
+    monkeypatch.setitem(sys.modules, "lmf_fake_bench", mod)
+    monkeypatch.setattr(run_all, "SECTIONS", {"one": ("lmf_fake_bench", "One"),
+                                              "two": ("lmf_fake_bench", "Two", {"tag": "b"})})
+
+
+def test_only_run_keeps_every_other_section(tmp_path, fake_sections):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\nMachine: old\n\n## One\n\nold one\n\n"
+                   "## EM-LoRA decode cost\n\n```\nkept table\n```\n\n## Hand written\n\nnotes\n")
+    assert run_all.main(["--only", "two", "--out", str(out)]) == 0
+    text = out.read_text()
+    for kept in ("Machine: old", "## One\n\nold one", "kept table", "## Hand written\n\nnotes"):
+        assert kept in text
+    assert "## Two\n\n```\nrows b\n```" in text
+    assert text.index("## One") < text.index("## Two")  # SECTIONS order: Two after One
+
+
+def test_full_run_renews_header_and_keeps_other_sections(tmp_path, fake_sections):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\nMachine: old\n\n## vLLM serving\n\nkept\n")
+    assert run_all.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Machine: old" not in text and "Machine: " in text
+    assert "## vLLM serving\n\nkept" in text
+    assert "## One\n\n```\nrows a\n```" in text and "## Two\n\n```\nrows b\n```" in text
