@@ -452,6 +452,10 @@ struct Kern16 {
   ShrinkFn shrink;
   ExpandFn expand;
   RoundFn round;
+  // expand with h rounded to bf16 once (AVX512-BF16: one dot product per rank pair instead of the
+  // hi + lo two): for aten16, whose base is already rounded to T (same error class as torch's bf16
+  // h = x @ A.T); elsewhere the same as expand
+  ExpandFn expand_hi = nullptr;
 };
 
 // ---------------------------------------------------------------- generic C++ ------------------
@@ -858,6 +862,7 @@ LMF_TARGET_BF16 inline void split(const float* h, int64_t c0, int64_t rank, __m2
   lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(hv, hf));
 }
 // y[n] += b[n, :rank] . h for n < nn (one row): rows n, n + 1 per 512-bit vector of rank pairs.
+template <bool kLo>
 LMF_TARGET_BF16 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int64_t rank,
                                 const float* h, float* y) {
   const bool whole = rank == 16 && ldb == 16;  // rows n, n + 1 are one 64-byte load
@@ -873,7 +878,7 @@ LMF_TARGET_BF16 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int6
         __m512 acc[8];
         for (int q = 0; q < 8; ++q) {
           const __m512i v = _mm512_loadu_si512(bc + (n + 2 * q) * 16);
-          acc[q] = dp(dp(_mm512_setzero_ps(), v, H), v, L);
+          acc[q] = kLo ? dp(dp(_mm512_setzero_ps(), v, H), v, L) : dp(_mm512_setzero_ps(), v, H);
         }
         _mm512_storeu_ps(y + n, _mm512_add_ps(_mm512_loadu_ps(y + n), k512::reduce8(acc)));
       }
@@ -882,7 +887,7 @@ LMF_TARGET_BF16 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int6
       __m512 acc[8];
       for (int q = 0; q < 8; ++q) {
         const __m512i v = k512::ld_pairs(bc, ldb, n + 2 * q, nn, km);
-        acc[q] = dp(dp(_mm512_setzero_ps(), v, H), v, L);
+        acc[q] = kLo ? dp(dp(_mm512_setzero_ps(), v, H), v, L) : dp(_mm512_setzero_ps(), v, H);
       }
       const __mmask16 kn = mask16(nn - n);
       _mm512_mask_storeu_ps(y + n, kn, _mm512_add_ps(_mm512_maskz_loadu_ps(kn, y + n), k512::reduce8(acc)));
@@ -891,7 +896,7 @@ LMF_TARGET_BF16 void expand_one(const uint16_t* b, int64_t ldb, int64_t nn, int6
 }
 // Several rows of one adapter: per tile of 16 outputs and 16 ranks, B is transposed once into
 // T[p] (lane l = the rank pair p of output n + l) and every row takes 2 * NP dot products with it.
-template <int NP>
+template <int NP, bool kLo>
 LMF_TARGET_BF16 void expand_many_chunk(const uint16_t* bc, int64_t ldb, int64_t nn, __mmask16 km,
                                        int64_t nb, const uint32_t* hp, const uint32_t* lp,
                                        float* const* ys) {
@@ -926,17 +931,18 @@ LMF_TARGET_BF16 void expand_many_chunk(const uint16_t* bc, int64_t ldb, int64_t 
       __m512 acc = _mm512_setzero_ps();
       for (int p = 0; p < NP; ++p) {
         acc = dp(acc, T[p], _mm512_set1_epi32(static_cast<int>(hp[j * 8 + p])));
-        acc = dp(acc, T[p], _mm512_set1_epi32(static_cast<int>(lp[j * 8 + p])));
+        if constexpr (kLo) acc = dp(acc, T[p], _mm512_set1_epi32(static_cast<int>(lp[j * 8 + p])));
       }
       float* y = ys[j] + n;
       _mm512_mask_storeu_ps(y, kn, _mm512_add_ps(_mm512_maskz_loadu_ps(kn, y), acc));
     }
   }
 }
-LMF_TARGET_BF16 void expand(const void* b_, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
-                            const float* const* hs, float* const* ys) {
+template <bool kLo>
+LMF_TARGET_BF16 void expand_t(const void* b_, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+                              const float* const* hs, float* const* ys) {
   const uint16_t* b = static_cast<const uint16_t*>(b_);
-  if (nb == 1) return expand_one(b, ldb, nn, rank, hs[0], ys[0]);
+  if (nb == 1) return expand_one<kLo>(b, ldb, nn, rank, hs[0], ys[0]);
   alignas(64) uint32_t hp[8 * 8], lp[8 * 8];  // per row: 8 rank pairs of the chunk (hi / lo)
   for (int64_t j0 = 0; j0 < nb; j0 += 8) {
     const int64_t jn = std::min<int64_t>(8, nb - j0);
@@ -948,10 +954,19 @@ LMF_TARGET_BF16 void expand(const void* b_, int64_t ldb, int64_t nn, int64_t ran
         _mm256_store_si256(reinterpret_cast<__m256i*>(lp + j * 8), lo);
       }
       const __mmask16 km = mask16(rank - c0);
-      if (rank - c0 <= 8) expand_many_chunk<4>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
-      else expand_many_chunk<8>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
+      if (rank - c0 <= 8) expand_many_chunk<4, kLo>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
+      else expand_many_chunk<8, kLo>(b + c0, ldb, nn, km, jn, hp, lp, ys + j0);
     }
   }
+}
+// y += B h with h as bf16 hi + lo (exact to ~2^-16 of h: the one-rounding paths), or hi only
+LMF_TARGET_BF16 void expand(const void* b, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+            const float* const* hs, float* const* ys) {
+  expand_t<true>(b, ldb, nn, rank, nb, hs, ys);
+}
+LMF_TARGET_BF16 void expand_hi(const void* b, int64_t ldb, int64_t nn, int64_t rank, int64_t nb,
+               const float* const* hs, float* const* ys) {
+  expand_t<false>(b, ldb, nn, rank, nb, hs, ys);
 }
 LMF_TARGET_BF16 void round_row(const float* src, const void* bias_, void* dst_, int64_t nn) {
   const uint16_t* bias = static_cast<const uint16_t*>(bias_);
@@ -1039,7 +1054,8 @@ template <typename T>
 Kern16 kernels16(CpuIsa isa) {
 #ifdef LMF_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (isa >= CpuIsa::kAvx512Bf16) return {kbf16::shrink, kbf16::expand, kbf16::round_row};
+    if (isa >= CpuIsa::kAvx512Bf16)
+      return {kbf16::shrink, kbf16::expand, kbf16::round_row, kbf16::expand_hi};
   }
   if (isa >= CpuIsa::kAvx512) return {k512::shrink<T>, k512::expand<T>, k512::round_row<T>};
   if (isa >= CpuIsa::kAvx2) return {k2::shrink<T>, k2::expand<T>, k2::round_row<T>};
@@ -1424,6 +1440,7 @@ at::Tensor aten16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
   const char* Bc = static_cast<const char*>(B.data_ptr());
   const int64_t sBe = B.stride(0), sBn = B.stride(1);
   T* yp = y.data_ptr<T>();
+  const ExpandFn ex = kn.expand_hi != nullptr ? kn.expand_hi : kn.expand;
   at::parallel_for(0, nchunk, grain, [&](int64_t c0, int64_t c1) {
     std::vector<float> Cb(Mr * cw);
     std::vector<const float*> hs;
@@ -1442,8 +1459,8 @@ at::Tensor aten16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
           hs[j] = hc + (p0 + j) * R;
           ys[j] = Cb.data() + slot[pl.row[p0 + j]] * cw;
         }
-        kn.expand(Bc + (pl.gexp[grp] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[grp], np,
-                  hs.data(), ys.data());
+        ex(Bc + (pl.gexp[grp] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[grp], np, hs.data(),
+           ys.data());
       };
       for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
       for (int64_t grp : pl.large) run(pl.gbeg[grp], pl.gbeg[grp + 1] - pl.gbeg[grp], grp);
