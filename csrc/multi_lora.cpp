@@ -1199,15 +1199,16 @@ void expand_round16(const Plan<float>& pl, const Kern16& kn, const void* Bp, int
 // Rows up to which bf16 runs the fused small-M kernel (kbf16::small_panel) instead of MKL + the
 // delta kernels. AVX512-BF16 without tiles: 64 (measured on a 2-core Xeon with AVX512-BF16, d =
 // 2048: the fused kernel 0.5-0.8x of torch's bf16 F.linear up to M = 16, level with it at 32-64,
-// while MKL's fp32-output GEMM costs 1.2-1.35x there; they meet near M = 96). AMX: 6 (measured on
-// a 2-core Xeon with AMX-BF16, SmolLM2's 576 x 576 ... 1536 x 576 and 2048 x 2048 ... 4096 x 4096:
-// the fused kernel is 0.65-0.75x of MKL's tile GEMM at M = 3-4, level at M = 6, and 1.3-2.1x at
-// M = 8-16, where MKL runs level with torch's bf16 F.linear; the earlier guess of 16 made a
-// 16-row decode step's base GEMM 1.6-2.4x torch's). LORAMIX_CPP_SMALL_M overrides (per call).
+// while MKL's fp32-output GEMM costs 1.2-1.35x there; they meet near M = 96). AMX: 5 (measured on
+// a 2-core Xeon with AMX-BF16, SmolLM2's 576 x 576 ... 1536 x 576 and 2048 x 2048 ... 4096 x 4096,
+// bench/bench_gemm16_paths.py: the fused kernel is 0.65-0.8x of MKL's tile GEMM at M = 3-5, level
+// or slower at M = 6, and 1.3-2.2x at M = 8-16, where MKL runs level with torch's bf16 F.linear;
+// the earlier guess of 16 made a 16-row decode step's base GEMM 1.6-2.4x torch's).
+// LORAMIX_CPP_SMALL_M overrides (per call).
 int64_t small_m_rows(CpuIsa isa) {
   const char* s = std::getenv("LORAMIX_CPP_SMALL_M");
   if (s && *s) return std::atoll(s);
-  return isa == CpuIsa::kAmx ? 6 : 64;
+  return isa == CpuIsa::kAmx ? 5 : 64;
 }
 
 #ifdef LMF_X86

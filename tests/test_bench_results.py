@@ -40,3 +40,19 @@ def test_full_run_renews_header_and_keeps_other_sections(tmp_path, fake_sections
     assert "Machine: old" not in text and "Machine: " in text
     assert "## vLLM serving\n\nkept" in text
     assert "## One\n\n```\nrows a\n```" in text and "## Two\n\n```\nrows b\n```" in text
+
+
+def test_gemm16_paths_bench_runs_every_path():
+    """bench/bench_gemm16_paths.py times torch and each forced 16-bit path (tiny shapes here) and
+    leaves the environment knobs as it found them."""
+    import os
+
+    from bench import bench_gemm16_paths as G
+
+    before = {k: os.environ.get(k) for k in G.KNOBS}
+    rows = G.run(Ms=(1, 9), shapes=[(48, 32)], reps=1, E=3, R=4)
+    assert [(r["N"], r["K"], r["M"]) for r in rows] == [(48, 32, 1), (48, 32, 9)]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("torch", "small", "mkl", "aten", "default"))
+    assert {k: os.environ.get(k) for k in G.KNOBS} == before
+    assert "x torch" in G.format_table(rows)
