@@ -56,7 +56,10 @@ def _env(values: dict):
                 os.environ[k] = v
 
 
-def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32) -> list[dict]:
+def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,
+        stream_bytes: float = 64e6) -> list[dict]:
+    """One row per (shape, M): microseconds per call of torch and of each path (``stream_bytes``:
+    the weight copies rotated, so each call reads its weight from memory)."""
     from loramix_fast import _cpp
 
     if not _cpp.load():
@@ -66,7 +69,7 @@ def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32) -> list[d
     bf = torch.bfloat16
     rows = []
     for N, K in shapes:
-        copies = max(1, int(64e6 // (N * K * 2)))
+        copies = max(1, int(stream_bytes // (N * K * 2)))
         Ws = [(torch.randn(N, K, generator=g) / K ** 0.5).to(bf) for _ in range(copies)]
         A = (torch.randn(E, R, K, generator=g) / K ** 0.5).to(bf)
         B = (torch.randn(E, N, R, generator=g) / R ** 0.5).to(bf)
