@@ -1164,32 +1164,55 @@ void shrink_large16(const Plan<float>& pl, const at::Tensor& x, const at::Tensor
   }
 }
 
+// Every pair's expand over output columns [n0, n0 + nn): out(row[p])[n] += B[e, n0 + n, :rank] .
+// hc[p] (out(m): the fp32 row that row m accumulates in, at column n0; hs / ys: the calling
+// thread's pointer scratch). The column loops of expand_round16, gemm_chunked16 and aten16.
+template <typename Out>
+void expand_pairs16(const Plan<float>& pl, ExpandFn ex, const char* Bc, int64_t esz, int64_t sBe,
+                    int64_t sBn, int64_t n0, int64_t nn, const float* hc, int64_t R, Out out,
+                    std::vector<const float*>& hs, std::vector<float*>& ys) {
+  auto run = [&](int64_t p0, int64_t np, int64_t g) {
+    hs.resize(np);
+    ys.resize(np);
+    for (int64_t j = 0; j < np; ++j) {
+      hs[j] = hc + (p0 + j) * R;
+      ys[j] = out(pl.row[p0 + j]);
+    }
+    ex(Bc + (pl.gexp[g] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[g], np, hs.data(), ys.data());
+  };
+  for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
+  for (int64_t g : pl.large) run(pl.gbeg[g], pl.gbeg[g + 1] - pl.gbeg[g], g);
+}
+
+// Multiply-adds per output column of every pair's expand (sum of the pairs' ranks).
+int64_t expand_work_per_col(const Plan<float>& pl) {
+  int64_t w = 0;
+  for (const auto& blk : pl.blocks) w += blk.nb * pl.grank[blk.g];
+  for (int64_t g : pl.large) w += (pl.gbeg[g + 1] - pl.gbeg[g]) * pl.grank[g];
+  return w;
+}
+
+// Width of the column chunks a 16-bit path's one parallel region runs over: >= 2 per thread,
+// 64..256 wide (a [rows, cw] fp32 block stays in L2).
+int64_t chunk_cols16(int64_t N) {
+  const int64_t nt = std::max(1, at::get_num_threads());
+  return std::clamp<int64_t>((N / (2 * nt) + 15) / 16 * 16, 64, 256);
+}
+
 // Phase 2 of the two-phase path: C[row[p], :] += B[e] @ hc[p] for every pair (parallel over N
 // ranges: a row's slots are summed by one thread), then y = round(C + bias), row by row.
 void expand_round16(const Plan<float>& pl, const Kern16& kn, const void* Bp, int64_t esz,
                     int64_t sBe, int64_t sBn, const float* hc, int64_t R, float* C, int64_t M,
                     int64_t N, const void* bias, void* y) {
-  int64_t work_per_n = M;  // rounding
-  for (const auto& blk : pl.blocks) work_per_n += blk.nb * pl.grank[blk.g];
-  for (int64_t g : pl.large) work_per_n += (pl.gbeg[g + 1] - pl.gbeg[g]) * pl.grank[g];
+  const int64_t work_per_n = M + expand_work_per_col(pl);  // rounding + expand
   const int64_t grain = std::max<int64_t>(64, kMinWorkPerThread / std::max<int64_t>(1, work_per_n));
   const char* Bc = static_cast<const char*>(Bp);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     const int64_t nn = n1 - n0;
     std::vector<const float*> hs;
     std::vector<float*> ys;
-    auto run = [&](int64_t p0, int64_t np, int64_t g) {
-      hs.resize(np);
-      ys.resize(np);
-      for (int64_t j = 0; j < np; ++j) {
-        hs[j] = hc + (p0 + j) * R;
-        ys[j] = C + pl.row[p0 + j] * N + n0;
-      }
-      kn.expand(Bc + (pl.gexp[g] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[g], np, hs.data(),
-                ys.data());
-    };
-    for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
-    for (int64_t g : pl.large) run(pl.gbeg[g], pl.gbeg[g + 1] - pl.gbeg[g], g);
+    expand_pairs16(pl, kn.expand, Bc, esz, sBe, sBn, n0, nn, hc, R,
+                   [&](int64_t m) { return C + m * N + n0; }, hs, ys);
     for (int64_t m = 0; m < M; ++m)
       kn.round(C + m * N + n0, bias ? static_cast<const char*>(bias) + n0 * esz : nullptr,
                static_cast<char*>(y) + (m * N + n0) * esz, nn);
@@ -1209,6 +1232,38 @@ int64_t small_m_rows(CpuIsa isa) {
   const char* s = std::getenv("LORAMIX_CPP_SMALL_M");
   if (s && *s) return std::atoll(s);
   return isa == CpuIsa::kAmx ? 5 : 64;
+}
+
+// The shrink of every small-path block: hc[p, :rank] = c[p] * A[e, :rank] @ x[row[p]] (parallel over
+// blocks, min_work multiply-adds per thread at least, on one thread below serial_below; large
+// groups are shrunk by the caller).
+void shrink_blocks16(const Plan<float>& pl, const Kern16& kn, const char* xp, int64_t sx,
+                     const char* Ap, int64_t sAe, int64_t sAr, int64_t K, int64_t esz, float* hc,
+                     int64_t R, int64_t min_work = kMinWorkPerThread, int64_t serial_below = 0) {
+  const auto& bl = pl.blocks;
+  if (bl.empty()) return;
+  int64_t work = 0;
+  for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
+  const int64_t nblk = static_cast<int64_t>(bl.size());
+  const int64_t grain = work < serial_below
+                            ? nblk
+                            : std::max<int64_t>(1, min_work * nblk / std::max<int64_t>(1, work));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto& blk = bl[b];
+      const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
+      for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
+        const void* xs[4];
+        float* hs[4];
+        const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
+        for (int j = 0; j < nbj; ++j) {
+          xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx * esz;
+          hs[j] = hc + (blk.p0 + j0 + j) * R;
+        }
+        kn.shrink(xs, nbj, Ap + e * sAe * esz, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
+      }
+    }
+  });
 }
 
 #ifdef LMF_X86
@@ -1236,35 +1291,17 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   std::vector<int64_t> pbeg(M + 1, 0);
   std::vector<kbf16::SmallPair> pairs(pl.P);
   if (pl.P > 0) {
-    const auto& bl = pl.blocks;
-    int64_t work = 0;
-    for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
-    const int64_t nblk = static_cast<int64_t>(bl.size());
     // a decode step's shrink (16 rows x 16 ranks x 2048: 0.5 M multiply-adds, ~15 us) stays on one
     // core: the panels are this op's only parallel region (a region boundary costs a scheduler
     // slice when the machine is oversubscribed)
-    const int64_t grain = work < 8 * kMinWorkPerThread
-                              ? std::max<int64_t>(1, nblk)
-                              : std::max<int64_t>(1, kMinWorkPerThread * nblk / std::max<int64_t>(1, work));
-    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      std::vector<float> hbuf(4 * std::max<int64_t>(R, 1));
-      for (int64_t b = b0; b < b1; ++b) {
-        const auto& blk = bl[b];
-        const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
-        for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
-          const void* xs[4];
-          float* hs[4];
-          const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
-          for (int j = 0; j < nbj; ++j) {
-            xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx;
-            hs[j] = hbuf.data() + j * R;
-          }
-          kn.shrink(xs, nbj, Ap + e * sAe, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
-          for (int j = 0; j < nbj; ++j)
-            kbf16::split_row(hs[j], rank, R16, hl.data() + (blk.p0 + j0 + j) * 2 * R16);
-        }
-      }
-    });
+    at::Tensor hc_t = at::empty({pl.P, R}, x.options().dtype(at::kFloat));
+    float* hc = hc_t.data_ptr<float>();
+    shrink_blocks16(pl, kn, reinterpret_cast<const char*>(xp), sx,
+                    reinterpret_cast<const char*>(Ap), sAe, sAr, K, sizeof(T), hc, R,
+                    kMinWorkPerThread, 8 * kMinWorkPerThread);
+    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
+      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
+        kbf16::split_row(hc + p * R, pl.grank[g], R16, hl.data() + p * 2 * R16);
     for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
     for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
     std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
@@ -1289,35 +1326,6 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   return y;
 }
 #endif
-
-// The shrink of every small-path block: hc[p, :rank] = c[p] * A[e, :rank] @ x[row[p]] (parallel over
-// blocks; large groups are shrunk by the caller).
-void shrink_blocks16(const Plan<float>& pl, const Kern16& kn, const char* xp, int64_t sx,
-                     const char* Ap, int64_t sAe, int64_t sAr, int64_t K, int64_t esz, float* hc,
-                     int64_t R, int64_t min_work = kMinWorkPerThread) {
-  const auto& bl = pl.blocks;
-  if (bl.empty()) return;
-  int64_t work = 0;
-  for (const auto& blk : bl) work += blk.nb * pl.grank[blk.g] * K;
-  const int64_t nblk = static_cast<int64_t>(bl.size());
-  const int64_t grain = std::max<int64_t>(1, min_work * nblk / std::max<int64_t>(1, work));
-  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto& blk = bl[b];
-      const int64_t e = pl.gexp[blk.g], rank = pl.grank[blk.g];
-      for (int64_t j0 = 0; j0 < blk.nb; j0 += 4) {
-        const void* xs[4];
-        float* hs[4];
-        const int nbj = static_cast<int>(std::min<int64_t>(4, blk.nb - j0));
-        for (int j = 0; j < nbj; ++j) {
-          xs[j] = xp + pl.row[blk.p0 + j0 + j] * sx * esz;
-          hs[j] = hc + (blk.p0 + j0 + j) * R;
-        }
-        kn.shrink(xs, nbj, Ap + e * sAe * esz, sAr, rank, K, pl.coef.data() + blk.p0 + j0, hs);
-      }
-    }
-  });
-}
 
 // M > small_m_rows with MKL: the shrink of every pair into hc (parallel over blocks; large
 // groups as MKL GEMMs), then ONE parallel region over chunks of output columns, each chunk: MKL's
@@ -1349,9 +1357,7 @@ at::Tensor gemm_chunked16(const at::Tensor& x, const at::Tensor& W, const at::Te
   shrink_blocks16(pl, kn, reinterpret_cast<const char*>(xp), sx, reinterpret_cast<const char*>(Ap),
                   sAe, sAr, K, sizeof(T), hc, R);
   if (!pl.large.empty()) shrink_large16<T>(pl, x, A, g, hc, R);
-  // column chunks: >= 2 per thread, 64..256 wide
-  const int64_t nt = std::max(1, at::get_num_threads());
-  const int64_t cw = std::clamp<int64_t>((N / (2 * nt) + 15) / 16 * 16, 64, 256);
+  const int64_t cw = chunk_cols16(N);
   const int64_t nchunk = (N + cw - 1) / cw;
   const Operand a = operand(x), b = operand(W.t());  // b: logical [K, N]
   const char* Bc = reinterpret_cast<const char*>(B.data_ptr<T>());
@@ -1370,18 +1376,8 @@ at::Tensor gemm_chunked16(const at::Tensor& x, const at::Tensor& W, const at::Te
         g(kCblasRowMajor, a.trans, b.trans, static_cast<int>(M), static_cast<int>(nn),
           static_cast<int>(K), 1.f, a.p, static_cast<int>(a.ld), bp, static_cast<int>(b.ld), 0.f,
           Cb.data(), static_cast<int>(cw));
-      auto run = [&](int64_t p0, int64_t np, int64_t grp) {
-        hs.resize(np);
-        ys.resize(np);
-        for (int64_t j = 0; j < np; ++j) {
-          hs[j] = hc + (p0 + j) * R;
-          ys[j] = Cb.data() + pl.row[p0 + j] * cw;
-        }
-        kn.expand(Bc + (pl.gexp[grp] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[grp], np, hs.data(),
-                  ys.data());
-      };
-      for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
-      for (int64_t grp : pl.large) run(pl.gbeg[grp], pl.gbeg[grp + 1] - pl.gbeg[grp], grp);
+      expand_pairs16(pl, kn.expand, Bc, esz, sBe, sBn, n0, nn, hc, R,
+                     [&](int64_t m) { return Cb.data() + m * cw; }, hs, ys);
       for (int64_t m = 0; m < M; ++m)
         kn.round(Cb.data() + m * cw, bias ? bias + n0 * esz : nullptr, yp + (m * N + n0) * esz, nn);
     }
@@ -1430,12 +1426,9 @@ at::Tensor aten16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
       rows.push_back(pl.row[p]);
     }
   const int64_t Mr = static_cast<int64_t>(rows.size());
-  const int64_t nt = std::max(1, at::get_num_threads());
-  const int64_t cw = std::clamp<int64_t>((N / (2 * nt) + 15) / 16 * 16, 64, 256);
+  const int64_t cw = chunk_cols16(N);
   const int64_t nchunk = (N + cw - 1) / cw;
-  int64_t work_per_col = 2 * Mr;  // widen + round
-  for (const auto& blk : pl.blocks) work_per_col += blk.nb * pl.grank[blk.g];
-  for (int64_t grp : pl.large) work_per_col += (pl.gbeg[grp + 1] - pl.gbeg[grp]) * pl.grank[grp];
+  const int64_t work_per_col = 2 * Mr + expand_work_per_col(pl);  // widen + round + expand
   const int64_t grain =
       std::max<int64_t>(1, kMinMemWorkPerThread / std::max<int64_t>(1, work_per_col * cw));
   const char* Bc = static_cast<const char*>(B.data_ptr());
@@ -1453,18 +1446,8 @@ at::Tensor aten16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
         float* dst = Cb.data() + i * cw;
         for (int64_t n = 0; n < nn; ++n) dst[n] = static_cast<float>(src[n]);
       }
-      auto run = [&](int64_t p0, int64_t np, int64_t grp) {
-        hs.resize(np);
-        ys.resize(np);
-        for (int64_t j = 0; j < np; ++j) {
-          hs[j] = hc + (p0 + j) * R;
-          ys[j] = Cb.data() + slot[pl.row[p0 + j]] * cw;
-        }
-        ex(Bc + (pl.gexp[grp] * sBe + n0 * sBn) * esz, sBn, nn, pl.grank[grp], np, hs.data(),
-           ys.data());
-      };
-      for (const auto& blk : pl.blocks) run(blk.p0, blk.nb, blk.g);
-      for (int64_t grp : pl.large) run(pl.gbeg[grp], pl.gbeg[grp + 1] - pl.gbeg[grp], grp);
+      expand_pairs16(pl, ex, Bc, esz, sBe, sBn, n0, nn, hc, R,
+                     [&](int64_t m) { return Cb.data() + slot[m] * cw; }, hs, ys);
       for (int64_t i = 0; i < Mr; ++i)
         kn.round(Cb.data() + i * cw, nullptr, yp + rows[i] * N + n0, nn);
     }
