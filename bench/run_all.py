@@ -46,6 +46,8 @@ SECTIONS = {  # key: (module, title[, keyword arguments of run])
                     "Multi-LoRA linear, op level, bf16, AMX-BF16 CPU (d=2048, r=16, 32 adapters)",
                     {**BF16, "Ms": (1, 16, 256, 1024, 2048), "pops": ("distinct",),
                      "providers": ("base", "ours", "peft")}),
+    "model_amx": ("bench.bench_model",
+                  "Multi-tenant model, fp32, on the AMX-BF16 VM, decode and prefill (Llama hidden 1024)"),
     "model_bf16_amx": ("bench.bench_model",
                        "Multi-tenant model, bf16, AMX-BF16 CPU, decode and prefill (Llama hidden 1024)",
                        BF16),
