@@ -10,7 +10,10 @@ k = 1 of 7 modules per layer). Providers, timed side by side (round-robin, media
   routing decided on the prompt; per layer and row only the selected module's delta is applied, the
   6 others carry id -1 in the fused op);
 - ``lora (7 modules)``: a second patched copy sharing the library, no EM-LoRA (each row gets all
-  7 of its module LoRAs): plain multi-tenant LoRA with the same adapters.
+  7 of its module LoRAs): plain multi-tenant LoRA with the same adapters;
+- ``patched, no adapter``: that copy with every row ``__base__``: each patched module runs the
+  fused op with every id -1 (its base GEMM alone: in fp32 at M <= 16 the op's own small-M kernel,
+  faster than torch's ``F.linear``), the like-for-like base of the two above.
 
 Each repetition prefills the prompts in each provider (timed: the prefill column), then runs
 ``--steps`` greedy decode steps with the KV cache, the providers' steps interleaved (each step of
@@ -191,10 +194,13 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
     load0 = os.getloadavg()[0]
     mk = {"base": lambda: Decoder(base, enc, clock=clk),
           "emlora k=1": lambda: Decoder(model, enc, names, clock=clk),
-          "lora (7 modules)": lambda: Decoder(plain, enc, names, clock=clk)}
+          "lora (7 modules)": lambda: Decoder(plain, enc, names, clock=clk),
+          "patched, no adapter": lambda: Decoder(plain, enc, ["__base__"] * len(names),
+                                                 clock=clk)}
     pre = {k: [] for k in mk}
     dec = {k: [] for k in mk}
     ratio = {k: [] for k in mk}  # per decode step: provider / base, measured back to back
+    like = {k: [] for k in mk}  # per decode step: provider / patched with no adapter
     for it in range(warmup + reps):
         ds = {k: f() for k, f in mk.items()}
         p = {k: d.prefill() for k, d in ds.items()}
@@ -207,6 +213,7 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
                 for k in mk:
                     dec[k].append(t[k])
                     ratio[k].append(t[k] / t["base"])
+                    like[k].append(t[k] / t["patched, no adapter"])
         for d in ds.values():
             d.close()
         if it >= warmup:
@@ -217,6 +224,7 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
     return {"res": res, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "reps": reps,
             "clock": "wall time" if clock == "wall" else "1-thread CPU time",
             "prompt_len": int(enc["input_ids"].shape[1]), "load": load_line(load0), "floor": fb,
+            "like": {k: statistics.median(v) for k, v in like.items()},
             "machine": machine()}
 
 
@@ -242,6 +250,10 @@ def format_table(runs) -> str:
                      "pair timed back to back")
         lines.append(f"bar (emlora k=1 per token <= 1.1x base): {'met' if e <= 1.1 else 'NOT met'}"
                      f" ({e:.3f}x)")
+        lk = r["like"]
+        lines.append(f"like for like (over 'patched, no adapter', the same fused ops with every id "
+                     f"-1, each step pair back to back): emlora k=1 {lk['emlora k=1']:.3f}x, "
+                     f"lora (7 modules) {lk['lora (7 modules)']:.3f}x")
         lines += floor_lines(r["floor"])
         dl = r["floor"]["delta_s"]
         lines.append(f"  measured: the deltas alone (each module's fused op with the routed ids minus "

@@ -5,7 +5,10 @@
 //   Legend: M rows, K in, N out, E adapters, R max rank, S slots, P (row, slot) pairs with work.
 //
 // Plan (no gathered copies of adapter weights; every adapter row/column past rank[e] is never read):
-//   0. base: one BLAS call, at::addmm(bias, x, W.t()) (any W strides: HF Conv1D passes a view).
+//   0. base: one BLAS call, at::addmm(bias, x, W.t()) (any W strides: HF Conv1D passes a view);
+//      fp32 with M <= small_m_rows32() (decode) on AVX-512 and W with unit last stride: small32,
+//      the base GEMM in the op's own tiles with the delta fused (torch's fp32 GEMM is 1.5-3x
+//      slower at these M; see the fp32 small-M section).
 //   1. host: the pairs (m, s) with e >= 0 and rank[e] > 0, counting-sorted by adapter into groups;
 //      c[p] = w[m, s] * scale[e].
 //   2. shrink  hc[p, :rank] = c[p] * A[e, :rank] @ x[m]                      # [P, R], fp32
@@ -25,7 +28,7 @@
 // base + bias + delta; fp16 by default rounds twice (torch's fp16 GEMM is faster than MKL's).
 // multi_lora_expand (SpectR's second half) is step 3 alone, with hc from the given h [M, E, R].
 // Environment knobs (read per call; for tests and benchmarks): LORAMIX_CPU_ISA, LORAMIX_CPP_GEMM16,
-// LORAMIX_CPP_SMALL_M, LORAMIX_CPP_LARGE_GROUP.
+// LORAMIX_CPP_SMALL_M, LORAMIX_CPP_SMALL_M32, LORAMIX_CPP_LARGE_GROUP.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -800,6 +803,107 @@ LMF_TARGET_AVX512 void round_row(const float* src, const void* bias_, void* dst_
     _mm256_mask_storeu_epi16(dst + n, k, round16<T>(v));
   }
 }
+// ---- fp32, small M (decode): the base GEMM itself, fused with the delta (small32 below) ----------
+// out[j * RB + r] = x_j . w_r over K for NB rows of x and RB rows of W (fp32 FMA, K in steps of 16);
+// with pf, one cache line of each of the RB rows pf[r] is prefetched per step (the next quad of W,
+// so its rows arrive while this one computes: W streams from memory exactly once).
+template <int NB, int RB, bool kPrefetch>
+LMF_TARGET_AVX512 void dot_tile32(const float* const* xs, const float* const* ws, int64_t K,
+                                  float* out, const float* const* pf) {
+  __m512 acc[NB][RB];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_ps(xs[j] + k);
+    if constexpr (kPrefetch)
+      for (int r = 0; r < RB; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T0);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 wv = _mm512_loadu_ps(ws[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv, xv[j], acc[j][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = mask16(K - k);
+    __m512 xv[NB];
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_maskz_loadu_ps(m, xs[j] + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 wv = _mm512_maskz_loadu_ps(m, ws[r] + k);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv, xv[j], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < RB; r += 4)
+      _mm_storeu_ps(out + j * RB + r, hsum4(acc[j][r], acc[j][r + 1], acc[j][r + 2], acc[j][r + 3]));
+}
+// One (row, adapter) pair of a small32 call: B[e] (rows of ldb floats), its rank, and the scaled
+// shrink output h = c * A[e, :rank] @ x[row] (rank floats).
+struct SmallPair32 { const float* b; int64_t rank; const float* h; };
+// Columns [n0, n0 + nn) (nn <= 16) of every row: y[m, n] = x[m] . W[n] + bias[n] + sum over the
+// row's pairs of B[e, n, :rank] . h. Per chunk of 16 rows: the base products in 4 x 4 tiles (4 rows
+// of W stay in L1 while the rows of x come from L1 / L2; during the first chunk's first tile the
+// next 4 rows of W, up to row N - 1, are prefetched), then per row one 16-wide vector: base + bias
+// + each pair's 16 dots of length rank, stored once. W is read from memory once, y written once.
+LMF_TARGET_AVX512 void small_panel32(const float* x, int64_t sx, int64_t M, const float* W,
+                                     int64_t sW, int64_t n0, int64_t nn, int64_t N, int64_t K,
+                                     const float* bias, const SmallPair32* pairs,
+                                     const int64_t* pbeg, int64_t ldb, float* y, int64_t ldy) {
+  alignas(64) float P[16 * 16];  // [16 rows][16 columns] base products of this chunk
+  float out[16];
+  const __mmask16 kn = mask16(nn);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(kn, bias + n0) : _mm512_setzero_ps();
+  for (int64_t r0 = 0; r0 < M; r0 += 16) {
+    const int64_t mr = std::min<int64_t>(16, M - r0);
+    for (int64_t c0 = 0; c0 < nn; c0 += 4) {
+      const float* wp[4];
+      const float* pf[4];
+      for (int i = 0; i < 4; ++i) {
+        wp[i] = W + (n0 + std::min<int64_t>(c0 + i, nn - 1)) * sW;
+        pf[i] = W + std::min<int64_t>(n0 + c0 + 4 + i, N - 1) * sW;
+      }
+      for (int64_t m0 = 0; m0 < mr; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, mr - m0);
+        const float* xp[4];
+        for (int j = 0; j < 4; ++j) xp[j] = x + (r0 + m0 + std::min<int64_t>(j, mb - 1)) * sx;
+        if (r0 == 0 && m0 == 0) {
+          if (mb == 1) dot_tile32<1, 4, true>(xp, wp, K, out, pf);
+          else if (mb == 2) dot_tile32<2, 4, true>(xp, wp, K, out, pf);
+          else dot_tile32<4, 4, true>(xp, wp, K, out, pf);
+        } else {
+          if (mb == 1) dot_tile32<1, 4, false>(xp, wp, K, out, nullptr);
+          else if (mb == 2) dot_tile32<2, 4, false>(xp, wp, K, out, nullptr);
+          else dot_tile32<4, 4, false>(xp, wp, K, out, nullptr);
+        }
+        for (int64_t j = 0; j < mb; ++j)
+          for (int i = 0; i < 4; ++i) P[(m0 + j) * 16 + c0 + i] = out[j * 4 + i];
+      }
+    }
+    for (int64_t mi = 0; mi < mr; ++mi) {
+      const int64_t m = r0 + mi;
+      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(kn, P + mi * 16), bv);
+      for (int64_t q = pbeg[m]; q < pbeg[m + 1]; ++q) {
+        const SmallPair32& sp = pairs[q];
+        const float* b = sp.b + n0 * ldb;
+        __m512 acc[16];
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t c0 = 0; c0 < sp.rank; c0 += 16) {
+          const __mmask16 km = mask16(sp.rank - c0);
+          const __m512 hv = _mm512_maskz_loadu_ps(km, sp.h + c0);
+          for (int i = 0; i < 16; ++i)
+            if (i < nn)
+              acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, b + i * ldb + c0), hv, acc[i]);
+        }
+        __m512 sum = _mm512_castps128_ps512(hsum4(acc[0], acc[1], acc[2], acc[3]));
+        sum = _mm512_insertf32x4(sum, hsum4(acc[4], acc[5], acc[6], acc[7]), 1);
+        sum = _mm512_insertf32x4(sum, hsum4(acc[8], acc[9], acc[10], acc[11]), 2);
+        sum = _mm512_insertf32x4(sum, hsum4(acc[12], acc[13], acc[14], acc[15]), 3);
+        v = _mm512_add_ps(v, sum);
+      }
+      _mm512_mask_storeu_ps(y + m * ldy + n0, kn, v);
+    }
+  }
+}
 }  // namespace k512
 
 // ---------------------------------------------------------------- AVX512-BF16 -----------------
@@ -1325,6 +1429,70 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   });
   return y;
 }
+
+// Rows up to which fp32 runs the fused small-M kernel (small32) instead of torch's GEMM + the delta:
+// 24. Measured on a 2-core Xeon with AVX-512 (bench/bench_gemm32_paths.py, weights streamed from
+// memory, SmolLM2's 576 x 576 ... 49152 x 576 and 2048 x 2048 / 5632 x 2048): with one row in 7
+// carrying an adapter the kernel takes 0.4-0.9x of torch's GEMM + the delta at M = 1-16 and
+// 0.6-0.94x at M = 24; at M = 32 it loses on 2048 x 2048 (1.07x), from M = 48 on most shapes.
+// LORAMIX_CPP_SMALL_M32 overrides (per call).
+int64_t small_m_rows32() {
+  const char* s = std::getenv("LORAMIX_CPP_SMALL_M32");
+  if (s && *s) return std::atoll(s);
+  return 24;
+}
+
+// fp32, M <= small_m_rows32(), AVX-512, W with unit last stride: the shrink of every pair
+// (shrink_small: one core for a decode step's few pairs), then ONE parallel region over panels of 16
+// output columns, each panel's base products, bias and every pair's expand summed in registers and
+// stored once (k512::small_panel32). Torch's fp32 GEMM at M = 16 streams a decode step's weights at
+// 3-6 GB/s on a 2-core Xeon; this reads them at 8-16 GB/s (bench/bench_gemm32_paths.py), and no pass
+// over y is added for the delta. Rows without an adapter equal F.linear to fp32 rounding, not bit
+// for bit (another summation order).
+at::Tensor small32(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
+                   const at::Tensor& B, const Meta& mt, const std::optional<at::Tensor>& bias_) {
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
+  const int64_t S = mt.idx.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor bias_t;
+  if (bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
+  Plan<float> pl;
+  if (E > 0 && R > 0 && S > 0)
+    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock,
+                          std::numeric_limits<int64_t>::max());
+  const float* xp = x.data_ptr<float>();
+  const int64_t sx = x.stride(0);
+  at::Tensor hc_t = at::empty({pl.P, std::max<int64_t>(R, 1)}, x.options());
+  float* hc = hc_t.data_ptr<float>();
+  std::vector<int64_t> pbeg(M + 1, 0);
+  std::vector<k512::SmallPair32> pairs(pl.P);
+  if (pl.P > 0) {
+    shrink_small<float, float>(pl, xp, sx, A.data_ptr<float>(), A.stride(0), A.stride(1), K, hc, R);
+    for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
+    for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
+    std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
+    const float* Bp = B.data_ptr<float>();
+    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
+      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
+        pairs[pos[pl.row[p]]++] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g], hc + p * R};
+  }
+  const int64_t npanel = (N + 15) / 16;
+  // a thread per kMinWorkPerThread multiply-adds or kMinMemWorkPerThread weights, whichever comes
+  // first: a one-row step is memory-bound, both cores' bandwidth is worth the fork
+  const int64_t grain = std::max<int64_t>(
+      1, std::min(kMinWorkPerThread / std::max<int64_t>(1, M * 16 * K),
+                  kMinMemWorkPerThread / std::max<int64_t>(1, 16 * K)));
+  const float* Wp = W.data_ptr<float>();
+  const float* bp = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, npanel, grain, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      k512::small_panel32(xp, sx, M, Wp, W.stride(0), q * 16, std::min<int64_t>(16, N - q * 16), N,
+                          K, bp, pairs.data(), pbeg.data(), B.stride(1), yp, N);
+  });
+  return y;
+}
 #endif
 
 // M > small_m_rows with MKL: the shrink of every pair into hc (parallel over blocks; large
@@ -1559,6 +1727,11 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
                                : linear16<c10::Half>(x, weight, A, B, mt, bias);
   }
 
+#ifdef LMF_X86
+  if (dt == at::kFloat && M <= small_m_rows32() &&
+      cpu_isa() >= CpuIsa::kAvx512 && (K <= 1 || weight.stride(1) == 1))
+    return small32(unit_last(x_), weight, unit_last(A_), unit_last(B_), mt, bias);
+#endif
   at::Tensor y = has_bias ? at::addmm(*bias, x_, weight.t()) : at::mm(x_, weight.t());  // [M, N]
   if (!y.is_contiguous()) y = y.contiguous();
   if (M == 0 || N == 0 || E == 0 || R == 0 || idx.size(1) == 0) return y;

@@ -475,6 +475,68 @@ def test_linear16_nonfinite_adapter_stays_in_its_rows(isa, monkeypatch):
         _half_ulp_check(y[clean], y_ref[clean], torch.bfloat16)
 
 
+# fp32 small M (csrc small32: the base GEMM in AVX-512 tiles fused with the delta, chunks of 16 rows):
+# odd K (tails of the 16-wide steps) and N (panels of 16, quads of 4), unequal ranks with 0 and > 16,
+# two and three slots with weights, strided inputs, row counts to 40 (three chunks);
+# LORAMIX_CPP_SMALL_M32=0 is torch's GEMM + the delta in place (the path for larger M and for W
+# without unit last stride).
+SMALL32 = [
+    Case("s32_M1_K1_N1", M=1, K=1, N=1, E=2, R=3),
+    Case("s32_M3_K17_N5", M=3, K=17, N=5, E=3, R=5, ranks=(5, 0, 2)),
+    Case("s32_M5_K3_N33_S2_w", M=5, K=3, N=33, E=4, R=33, S=2, weights=True, ranks=(33, 16, 1, 17),
+         none_frac=0.25),
+    Case("s32_M16_K577_N1030_r32", M=16, K=577, N=1030, E=16, R=32, pop="distinct",
+         none_frac=0.4),
+    Case("s32_M12_K96_N47_strided", M=12, K=96, N=47, E=5, R=12, x_layout="row_strided",
+         ab_strided=True, weights=True, bias=False),
+    Case("s32_M8_colstrided_zipf_S3", M=8, K=64, N=80, E=6, R=8, S=3, pop="zipf", weights=True,
+         x_layout="col_strided", none_frac=0.2),
+    Case("s32_M16_all_none", M=16, K=64, N=48, E=3, R=4, none_frac=1.0),
+]
+
+
+@pytest.mark.parametrize("M", [None, 2, 4, 6, 7, 13, 16, 17, 40])
+@pytest.mark.parametrize("c", SMALL32, ids=[c.name for c in SMALL32])
+def test_linear_fp32_small_path(c: Case, M, monkeypatch):
+    """The fused fp32 small-M kernel and torch's GEMM + delta each within the 2x rule of the fp64
+    reference, padding past rank poisoned; they differ in summation order (so the kernel ran)."""
+    if M is not None:
+        c = Case(**{**c.__dict__, "M": M})
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=5)
+    A_p, B_p = poison_padding(A, B, rank)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    torch_outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias),
+                  reference.multi_lora_linear_loop(x, weight, A, B, scale, rank, idx, w, bias)]
+    ys = {}
+    for small in ("64", "0"):
+        monkeypatch.setenv("LORAMIX_CPP_SMALL_M32", small)
+        ys[small] = _cpp_ops().multi_lora_linear(x, weight, A_p, B_p, scale, rank, idx, w, bias)
+        _check(ys[small], y_ref, torch_outs, torch.float32)
+    if c.K >= 96:
+        assert not torch.equal(ys["64"], ys["0"])
+
+
+def test_linear_fp32_small_path_nonfinite_and_conv1d(monkeypatch):
+    """A NaN / inf in one adapter stays in its rows; a transposed (HF Conv1D) weight takes torch's
+    GEMM (no unit last stride) and equals the contiguous weight's result within the 2x rule."""
+    monkeypatch.setenv("LORAMIX_CPP_SMALL_M32", "64")
+    c = Case("nan32", M=12, K=64, N=48, E=3, R=16)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
+    idx = torch.tensor([[0], [1], [2], [-1]] * 3, dtype=torch.int32)
+    An, Bn = A.clone(), B.clone()
+    An[1, 3, 5] = float("nan")
+    Bn[1, 7, 2] = float("inf")
+    y = _cpp_ops().multi_lora_linear(x, weight, An, Bn, scale, rank, idx, None, bias)
+    clean = idx[:, 0] != 1
+    assert torch.isfinite(y[clean]).all() and not torch.isfinite(y[~clean]).all()
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias, upcast=True)
+    outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias)]
+    _check(y[clean], y_ref[clean], [o[clean] for o in outs], torch.float32)
+    wt = weight.t().contiguous().t()  # same values, stride (1, N)
+    y_t = _cpp_ops().multi_lora_linear(x, wt, A, B, scale, rank, idx, None, bias)
+    _check(y_t, y_ref, outs, torch.float32)
+
+
 EXPAND16 = [
     Case("e16_S1", M=30, K=1, N=83, E=4, R=16),
     Case("e16_S3_w_ranks", M=21, K=1, N=64, E=5, R=20, S=3, weights=True, ranks=(20, 3, 16, 9, 0),
