@@ -12,8 +12,10 @@ k = 1 of 7 modules per layer). Providers, timed side by side (round-robin, media
 - ``lora (7 modules)``: a second patched copy sharing the library, no EM-LoRA (each row gets all
   7 of its module LoRAs): plain multi-tenant LoRA with the same adapters;
 - ``patched, no adapter``: that copy with every row ``__base__``: each patched module runs the
-  fused op with every id -1 (its base GEMM alone: in fp32 at M <= 16 the op's own small-M kernel,
-  faster than torch's ``F.linear``), the like-for-like base of the two above.
+  fused op with every id -1, with ``LORAMIX_CPP_SMALL32_BASE=1`` (its base GEMM alone on the
+  kernel the other two use: in fp32 at M <= 24 the op's own small-M kernel, faster than torch's
+  ``F.linear``; by default a call with no adapter keeps torch's GEMM), the like-for-like base of
+  the two above.
 
 Each repetition prefills the prompts in each provider (timed: the prefill column), then runs
 ``--steps`` greedy decode steps with the KV cache, the providers' steps interleaved (each step of
@@ -31,6 +33,7 @@ fused ops with the routed ids minus with none), as a ratio over the base step. H
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import copy
 import os
@@ -74,13 +77,33 @@ def build(dtype=torch.float32, n_seq: int = 16, rank: int = 32, top_k: int = 1):
     return base, model, plain, ems, names, enc
 
 
+# the op's fp32 small-M kernel also for calls with no (row, adapter) pair (by default those keep
+# torch's GEMM, bit for bit): the like-for-like base and the floor's "all ids -1" calls
+KERNEL_BASE = {"LORAMIX_CPP_SMALL32_BASE": "1"}
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Decoder:
     """One provider's greedy decode with the KV cache, one step per call, in its own context
     (``lmf.route_once`` entered there for the patched models, as ``generate`` scopes it), so the
     providers' steps can be interleaved and timed under the same machine load."""
 
-    def __init__(self, model, enc, names=None, clock=time.perf_counter):
+    def __init__(self, model, enc, names=None, clock=time.perf_counter, env=None):
         self.model, self.enc, self.names, self.clock = model, enc, names, clock
+        self.env = env or {}  # environment knobs set around this provider's forwards
         self.ctx = contextvars.copy_context()
         self.scope = lmf.route_once(model) if names is not None else None
 
@@ -89,15 +112,15 @@ class Decoder:
             self.ctx.run(self.scope.__enter__)
         kw = {} if self.names is None else {"adapter_names": self.names}
         self.att = self.enc["attention_mask"]
-        t0 = self.clock()
-        with torch.no_grad():
+        with _env(self.env), torch.no_grad():
+            t0 = self.clock()
             self.out = self.ctx.run(self.model, self.enc["input_ids"], attention_mask=self.att,
                                     use_cache=True, **kw)
-        return self.clock() - t0
+            return self.clock() - t0
 
     def step(self) -> float:
         kw = {} if self.names is None else {"adapter_names": self.names}
-        with torch.no_grad():
+        with _env(self.env), torch.no_grad():
             nxt = self.out.logits[:, -1].argmax(-1, keepdim=True)
             self.att = torch.cat([self.att, torch.ones_like(nxt)], 1)
             t0 = self.clock()
@@ -166,7 +189,7 @@ def delta_time(model, decoder, reps: int = 7) -> float:
             _run(be, x, W, st.A, st.B, st.scale, st.rank, i if live else neg, w, None)
         return time.perf_counter() - t0
 
-    with torch.no_grad():
+    with _env(KERNEL_BASE), torch.no_grad():
         one(True), one(False)
         d = [one(True) - one(False) for _ in range(reps)]
     return statistics.median(d)
@@ -196,7 +219,7 @@ def run(steps: int = 16, reps: int = 3, warmup: int = 1, dtype=torch.float32,
           "emlora k=1": lambda: Decoder(model, enc, names, clock=clk),
           "lora (7 modules)": lambda: Decoder(plain, enc, names, clock=clk),
           "patched, no adapter": lambda: Decoder(plain, enc, ["__base__"] * len(names),
-                                                 clock=clk)}
+                                                 clock=clk, env=KERNEL_BASE)}
     pre = {k: [] for k in mk}
     dec = {k: [] for k in mk}
     ratio = {k: [] for k in mk}  # per decode step: provider / base, measured back to back

@@ -7,7 +7,8 @@ GEMM alone) and with one row in 7 carrying one (``1/7``, an EM-LoRA decode step'
 
 - ``aten``: torch's fp32 GEMM, then the delta added in place (``LORAMIX_CPP_SMALL_M32=0``);
 - ``small``: the fused small-M kernel (``LORAMIX_CPP_SMALL_M32=4096``): the base GEMM in 4 x 4
-  AVX-512 tiles with the next rows of W prefetched, the delta summed into the same registers.
+  AVX-512 tiles with the next rows of W prefetched, the delta summed into the same registers
+  (``LORAMIX_CPP_SMALL32_BASE=1``: also with no pair, where by default the op keeps torch's GEMM).
 
 Each weight is rotated over enough copies (>= 256 MB, over the L3 of the 105 MB of this VM) that every
 call streams it from memory; all
@@ -33,6 +34,7 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (2048,
           (5632, 2048)]
 MS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128)
 KNOB = "LORAMIX_CPP_SMALL_M32"
+BASE_KNOB = "LORAMIX_CPP_SMALL32_BASE"
 PATHS = {"aten": "0", "small": "4096"}  # default: small up to M = 24
 
 
@@ -46,7 +48,7 @@ def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,
         raise RuntimeError(f"the C++ extension is needed: {_cpp.load_error()}")
     op = torch.ops.loramix_cpp.multi_lora_linear.default
     g = torch.Generator().manual_seed(0)
-    old = os.environ.get(KNOB)
+    old = {k: os.environ.get(k) for k in (KNOB, BASE_KNOB)}
     rows = []
     try:
         for N, K in shapes:
@@ -66,16 +68,18 @@ def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,
                     for share, idx in (("-1", none), ("1/7", some)):
                         def call(W, v=v, idx=idx):
                             os.environ[KNOB] = v
+                            os.environ[BASE_KNOB] = "1"  # the kernel even with no pair
                             op(x, W, A, B, scale, rank, idx, None, None)
                         fns[f"{path} {share}"] = [lambda W=W, c=call: c(W) for W in Ws]
                 with torch.no_grad():
                     res = time_side_by_side(fns, reps * copies, warmup=copies)
                 rows.append({"N": N, "K": K, "M": M, **{k: t * 1e6 for k, t in res.items()}})
     finally:
-        if old is None:
-            os.environ.pop(KNOB, None)
-        else:
-            os.environ[KNOB] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return rows
 
 

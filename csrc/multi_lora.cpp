@@ -28,7 +28,7 @@
 // base + bias + delta; fp16 by default rounds twice (torch's fp16 GEMM is faster than MKL's).
 // multi_lora_expand (SpectR's second half) is step 3 alone, with hc from the given h [M, E, R].
 // Environment knobs (read per call; for tests and benchmarks): LORAMIX_CPU_ISA, LORAMIX_CPP_GEMM16,
-// LORAMIX_CPP_SMALL_M, LORAMIX_CPP_SMALL_M32, LORAMIX_CPP_LARGE_GROUP.
+// LORAMIX_CPP_SMALL_M, LORAMIX_CPP_SMALL_M32, LORAMIX_CPP_SMALL32_BASE, LORAMIX_CPP_LARGE_GROUP.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -258,13 +258,13 @@ inline void expand_rows(const TB* b, int64_t ldb, int64_t nn, int64_t rank, cons
 // hc[p, :rank] = c[p] * A[e, :rank] @ x[row[p]] for pairs of small groups
 template <typename T, typename O>
 void shrink_small(const Plan<O>& pl, const T* x, int64_t sx, const T* A, int64_t sAe, int64_t sAr,
-                  int64_t K, O* hc, int64_t R) {
+                  int64_t K, O* hc, int64_t R, int64_t min_work = kMinWorkPerThread) {
   const auto& bl = pl.blocks;
   if (bl.empty()) return;
   std::vector<int64_t> start(bl.size() + 1, 0);  // work items: (block, r)
   for (size_t b = 0; b < bl.size(); ++b) start[b + 1] = start[b] + pl.grank[bl[b].g];
   const int64_t total = start.back();
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, K));
+  const int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(1, K));
   at::parallel_for(0, total, grain, [&](int64_t i0, int64_t i1) {
     size_t b = std::upper_bound(start.begin(), start.end(), i0) - start.begin() - 1;
     for (int64_t i = i0; i < i1; ++b) {
@@ -1442,8 +1442,24 @@ int64_t small_m_rows32() {
   return 24;
 }
 
+// Whether some (row, slot) of idx names an adapter of rank > 0.
+bool has_pair(const Meta& mt, int64_t E, int64_t R) {
+  if (E == 0 || R == 0) return false;
+  const int64_t n = mt.idx.numel();
+  const int64_t* id = mt.idx.data_ptr<int64_t>();
+  const int64_t* rk = mt.rank.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (id[i] >= 0 && rk[id[i]] > 0) return true;
+  return false;
+}
+
+bool small32_base() {
+  const char* s = std::getenv("LORAMIX_CPP_SMALL32_BASE");
+  return s && *s && std::atoll(s) != 0;
+}
+
 // fp32, M <= small_m_rows32(), AVX-512, W with unit last stride: the shrink of every pair
-// (shrink_small: one core for a decode step's few pairs), then ONE parallel region over panels of 16
+// (shrink_small, both cores), then ONE parallel region over panels of 16
 // output columns, each panel's base products, bias and every pair's expand summed in registers and
 // stored once (k512::small_panel32). Torch's fp32 GEMM at M = 16 streams a decode step's weights at
 // 3-6 GB/s on a 2-core Xeon; this reads them at 8-16 GB/s (bench/bench_gemm32_paths.py), and no pass
@@ -1468,7 +1484,10 @@ at::Tensor small32(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   std::vector<int64_t> pbeg(M + 1, 0);
   std::vector<k512::SmallPair32> pairs(pl.P);
   if (pl.P > 0) {
-    shrink_small<float, float>(pl, xp, sx, A.data_ptr<float>(), A.stride(0), A.stride(1), K, hc, R);
+    // memory-bound (a decode step's pairs read their A rows once each): both cores from 16 K
+    // multiply-adds on
+    shrink_small<float, float>(pl, xp, sx, A.data_ptr<float>(), A.stride(0), A.stride(1), K, hc, R,
+                               kMinMemWorkPerThread);
     for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
     for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
     std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
@@ -1728,8 +1747,12 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x_, const at::Tensor& weight,
   }
 
 #ifdef LMF_X86
-  if (dt == at::kFloat && M <= small_m_rows32() &&
-      cpu_isa() >= CpuIsa::kAvx512 && (K <= 1 || weight.stride(1) == 1))
+  // a call with no (row, adapter) pair keeps torch's GEMM (F.linear bit for bit, as a module with
+  // no adapter is): removing or evicting the last adapter of a module leaves every other row's
+  // output unchanged. LORAMIX_CPP_SMALL32_BASE=1 runs the kernel there too (benchmarks: the base
+  // GEMM alone on the same kernel).
+  if (dt == at::kFloat && M <= small_m_rows32() && cpu_isa() >= CpuIsa::kAvx512 &&
+      (K <= 1 || weight.stride(1) == 1) && (has_pair(mt, E, R) || small32_base()))
     return small32(unit_last(x_), weight, unit_last(A_), unit_last(B_), mt, bias);
 #endif
   at::Tensor y = has_bias ? at::addmm(*bias, x_, weight.t()) : at::mm(x_, weight.t());  // [M, N]

@@ -24,8 +24,11 @@ class MultiLoRALinear(nn.Module):
         state: the patch state shared by all patched layers of one model (library, router).
         kind: ``"linear"`` (weight [out, in]) or ``"conv1d"`` (weight [in, out]).
 
-    Forward: ``x [..., in] -> [..., out]``. With no adapter selected and no router it is exactly
-    ``base_layer(x)`` (bit-identical).
+    Forward: ``x [..., in] -> [..., out]``. With no selection and no router, or when no adapter
+    of the library targets this module, it is exactly ``base_layer(x)`` (bit-identical). Inside a
+    selection the fused op computes every row: where some row has an adapter, rows whose sequence
+    is ``__base__`` equal ``base_layer(x)`` to rounding (fp32 decode, <= 24 rows on AVX-512, runs
+    the op's own base GEMM, in another summation order than torch's); where none has, bit for bit.
     """
 
     def __init__(self, base_layer: nn.Module, name: str, state, kind: str = "linear"):

@@ -60,15 +60,15 @@ def test_gemm16_paths_bench_runs_every_path():
 
 def test_gemm32_paths_bench_runs_every_path():
     """bench/bench_gemm32_paths.py times torch and both fp32 paths with and without adapters (tiny
-    shapes here) and leaves LORAMIX_CPP_SMALL_M32 as it found it."""
+    shapes here) and leaves its two environment knobs as it found them."""
     import os
 
     from bench import bench_gemm32_paths as G
 
-    before = os.environ.get(G.KNOB)
+    before = {k: os.environ.get(k) for k in (G.KNOB, G.BASE_KNOB)}
     rows = G.run(Ms=(1, 9), shapes=[(48, 32)], reps=1, E=3, R=4, stream_bytes=1e4)
     assert [(r["N"], r["K"], r["M"]) for r in rows] == [(48, 32, 1), (48, 32, 9)]
     for r in rows:
         assert all(r[k] > 0 for k in ("torch", "aten -1", "small -1", "aten 1/7", "small 1/7"))
-    assert os.environ.get(G.KNOB) == before
+    assert {k: os.environ.get(k) for k in (G.KNOB, G.BASE_KNOB)} == before
     assert "small/torch -1" in G.format_table(rows)

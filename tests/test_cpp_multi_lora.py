@@ -537,6 +537,24 @@ def test_linear_fp32_small_path_nonfinite_and_conv1d(monkeypatch):
     _check(y_t, y_ref, outs, torch.float32)
 
 
+@pytest.mark.parametrize("how", ["all_none", "rank0"])
+def test_linear_fp32_small_no_pair_is_torch(how, monkeypatch):
+    """A call with no (row, adapter) pair keeps torch's GEMM: F.linear bit for bit (so removing a
+    module's last adapter changes no other row); LORAMIX_CPP_SMALL32_BASE=1 runs the kernel there
+    too (within the 2x rule, another summation order)."""
+    c = Case("nopair", M=16, K=577, N=300, E=3, R=8, none_frac=1.0 if how == "all_none" else 0.0,
+             ranks=(0, 0, 0) if how == "rank0" else None)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=9)
+    base = torch.nn.functional.linear(x, weight, bias)
+    y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    assert torch.equal(y, base)
+    monkeypatch.setenv("LORAMIX_CPP_SMALL32_BASE", "1")
+    yk = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias)
+    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, w, bias, upcast=True)
+    _check(yk, y_ref, [base], torch.float32)
+    assert not torch.equal(yk, base)
+
+
 EXPAND16 = [
     Case("e16_S1", M=30, K=1, N=83, E=4, R=16),
     Case("e16_S3_w_ranks", M=21, K=1, N=64, E=5, R=20, S=3, weights=True, ranks=(20, 3, 16, 9, 0),
