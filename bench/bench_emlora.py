@@ -33,7 +33,6 @@ fused ops with the routed ids minus with none), as a ratio over the base step. H
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
 import copy
 import os
@@ -82,18 +81,7 @@ def build(dtype=torch.float32, n_seq: int = 16, rank: int = 32, top_k: int = 1):
 KERNEL_BASE = {"LORAMIX_CPP_SMALL32_BASE": "1"}
 
 
-@contextlib.contextmanager
-def _env(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+_env = common.env
 
 
 class Decoder:

@@ -20,7 +20,6 @@ the default path over ``F.linear``. ``python -m bench.bench_gemm16_paths [--M 1,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 
@@ -40,20 +39,8 @@ PATHS = {"small": {"LORAMIX_CPP_SMALL_M": "4096", "LORAMIX_CPP_GEMM16": "mkl"},
 KNOBS = ("LORAMIX_CPP_SMALL_M", "LORAMIX_CPP_GEMM16")
 
 
-@contextlib.contextmanager
 def _env(values: dict):
-    old = {k: os.environ.get(k) for k in KNOBS}
-    try:
-        for k in KNOBS:
-            os.environ.pop(k, None)
-        os.environ.update(values)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return common.env(values, clear=KNOBS)
 
 
 def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,

@@ -48,9 +48,8 @@ def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,
         raise RuntimeError(f"the C++ extension is needed: {_cpp.load_error()}")
     op = torch.ops.loramix_cpp.multi_lora_linear.default
     g = torch.Generator().manual_seed(0)
-    old = {k: os.environ.get(k) for k in (KNOB, BASE_KNOB)}
     rows = []
-    try:
+    with common.env({}, clear=(KNOB, BASE_KNOB)):  # restored after (the calls set them)
         for N, K in shapes:
             copies = max(1, int(stream_bytes // (N * K * 4)))
             Ws = [torch.randn(N, K, generator=g) / K ** 0.5 for _ in range(copies)]
@@ -74,12 +73,6 @@ def run(Ms=MS, shapes=SHAPES, reps: int = 9, E: int = 32, R: int = 32,
                 with torch.no_grad():
                     res = time_side_by_side(fns, reps * copies, warmup=copies)
                 rows.append({"N": N, "K": K, "M": M, **{k: t * 1e6 for k, t in res.items()}})
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return rows
 
 

@@ -1,12 +1,31 @@
 """Shared benchmark plumbing: side-by-side timing and the machine description."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+
+@contextlib.contextmanager
+def env(values: dict, clear=()):
+    """Environment variables ``values`` set (and ``clear`` unset first) for the block, every one
+    restored after: the C++ op's knobs, read per call."""
+    old = {k: os.environ.get(k) for k in (*clear, *values)}
+    try:
+        for k in clear:
+            os.environ.pop(k, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def time_side_by_side(fns: dict, reps: int, warmup: int = 3, sync=lambda: None,

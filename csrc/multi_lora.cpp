@@ -1370,6 +1370,19 @@ void shrink_blocks16(const Plan<float>& pl, const Kern16& kn, const char* xp, in
   });
 }
 
+// The small paths' pairs by row: pbeg [M + 1] (zeroed, M + 1 long) becomes the row offsets, and
+// put(q, p, g) is called for every pair p (of group g) with its place q in row order (a row's
+// pairs in group order).
+template <typename F>
+void pairs_by_row(const Plan<float>& pl, std::vector<int64_t>& pbeg, F&& put) {
+  const int64_t M = static_cast<int64_t>(pbeg.size()) - 1;
+  for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
+  for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
+  std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
+  for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
+    for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p) put(pos[pl.row[p]]++, p, g);
+}
+
 #ifdef LMF_X86
 // bf16, M <= small_m_rows(), W with unit last stride: shrink of every pair (parallel over blocks),
 // then one pass over W in panels of 16 output columns (parallel over panels), each panel's base
@@ -1406,14 +1419,11 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
     for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
       for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
         kbf16::split_row(hc + p * R, pl.grank[g], R16, hl.data() + p * 2 * R16);
-    for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
-    for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
-    std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
     const uint16_t* Bp = reinterpret_cast<const uint16_t*>(B.data_ptr<T>());
-    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
-      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
-        pairs[pos[pl.row[p]]++] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g],
-                                   hl.data() + p * 2 * R16};
+    pairs_by_row(pl, pbeg, [&](int64_t q, int64_t p, size_t g) {
+      pairs[q] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g],
+                 hl.data() + p * 2 * R16};
+    });
   }
   const int64_t npanel = (N + 15) / 16;
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, M * 16 * K));
@@ -1488,13 +1498,10 @@ at::Tensor small32(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
     // multiply-adds on
     shrink_small<float, float>(pl, xp, sx, A.data_ptr<float>(), A.stride(0), A.stride(1), K, hc, R,
                                kMinMemWorkPerThread);
-    for (int64_t p = 0; p < pl.P; ++p) ++pbeg[pl.row[p] + 1];
-    for (int64_t m = 0; m < M; ++m) pbeg[m + 1] += pbeg[m];
-    std::vector<int64_t> pos(pbeg.begin(), pbeg.end() - 1);
     const float* Bp = B.data_ptr<float>();
-    for (size_t g = 0; g + 1 < pl.gbeg.size(); ++g)
-      for (int64_t p = pl.gbeg[g]; p < pl.gbeg[g + 1]; ++p)
-        pairs[pos[pl.row[p]]++] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g], hc + p * R};
+    pairs_by_row(pl, pbeg, [&](int64_t q, int64_t p, size_t g) {
+      pairs[q] = {Bp + pl.gexp[g] * B.stride(0), pl.grank[g], hc + p * R};
+    });
   }
   const int64_t npanel = (N + 15) / 16;
   // a thread per kMinWorkPerThread multiply-adds or kMinMemWorkPerThread weights, whichever comes
