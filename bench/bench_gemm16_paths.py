@@ -19,14 +19,12 @@ the default path over ``F.linear``. ``python -m bench.bench_gemm16_paths [--M 1,
 """
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from bench import common
-from bench.common import load_line, machine, time_side_by_side
+from bench.common import machine, time_side_by_side
 
 TITLE = "bf16 base-GEMM paths of the C++ op on this CPU"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -94,19 +92,7 @@ def format_table(rows, load: str = "") -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--M", default=",".join(map(str, MS)), help="comma-separated row counts")
-    ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--no-write", action="store_true")
-    a = ap.parse_args(argv)
-    load0 = os.getloadavg()[0]
-    rows = run(tuple(int(m) for m in a.M.split(",")), reps=a.reps)
-    table = format_table(rows, load_line(load0))
-    print(table)
-    if not a.no_write:
-        common.write_section(TITLE, table, RESULTS)
-        print(f"wrote the '{TITLE}' section of {RESULTS}")
-    return 0
+    return common.paths_main(argv, __doc__, MS, run, format_table, TITLE, RESULTS)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,24 @@ def write_section(title: str, table: str, path, after: str | None = None, before
     """Replace (or add) the ``## {title}`` section of a RESULTS.md with ``table`` in a code fence,
     leaving the other sections as they are (placement: :func:`splice_section`)."""
     splice_section(title, f"```\n{table}\n```", path, after=after, before=before)
+
+
+def paths_main(argv, doc: str, Ms, run, format_table, title: str, results) -> int:
+    """The command line of the op-path benchmarks (bench_gemm16_paths, bench_gemm32_paths):
+    ``[--M 1,16] [--reps N] [--no-write]``; prints the table and writes its section of
+    ``results`` unless ``--no-write``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--M", default=",".join(map(str, Ms)), help="comma-separated row counts")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    load0 = os.getloadavg()[0]
+    rows = run(tuple(int(m) for m in a.M.split(",")), reps=a.reps)
+    table = format_table(rows, load_line(load0))
+    print(table)
+    if not a.no_write:
+        write_section(title, table, results)
+        print(f"wrote the '{title}' section of {results}")
+    return 0

@@ -132,6 +132,21 @@ Plan<O> make_plan(const at::Tensor& idx, const at::Tensor& w, const at::Tensor& 
   return pl;
 }
 
+// The plan of a path that takes every group per row (no large groups); empty when no pair can
+// exist (no adapter, no rank or no slot).
+inline Plan<float> plan_per_row(const Meta& mt, int64_t E, int64_t R, int64_t block) {
+  Plan<float> pl;
+  if (E > 0 && R > 0 && mt.idx.size(1) > 0)
+    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, block,
+                          std::numeric_limits<int64_t>::max());
+  return pl;
+}
+
+// bias as a contiguous tensor, or an undefined one when there is none.
+inline at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+}
+
 // ---------------------------------------------------------------- micro-kernels ------------------
 // out[j] = a[:K] . xs[j][:K], j < NB (one pass over a)
 template <typename T, int NB>
@@ -1392,15 +1407,11 @@ at::Tensor small16(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
                    const Kern16& kn) {
   using T = c10::BFloat16;
   const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
-  const int64_t S = mt.idx.size(1), R16 = (std::max<int64_t>(R, 1) + 15) / 16 * 16;
+  const int64_t R16 = (std::max<int64_t>(R, 1) + 15) / 16 * 16;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor bias_t;
-  if (bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
-  Plan<float> pl;
-  if (E > 0 && R > 0 && S > 0)
-    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16,
-                          std::numeric_limits<int64_t>::max());
+  const at::Tensor bias_t = contiguous_bias(bias_);
+  const Plan<float> pl = plan_per_row(mt, E, R, kBlock16);
   const T* xp = x.data_ptr<T>();
   const T* Ap = A.data_ptr<T>();
   const int64_t sx = x.stride(0), sAe = A.stride(0), sAr = A.stride(1);
@@ -1478,15 +1489,10 @@ bool small32_base() {
 at::Tensor small32(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
                    const at::Tensor& B, const Meta& mt, const std::optional<at::Tensor>& bias_) {
   const int64_t M = x.size(0), K = x.size(1), N = W.size(0), E = A.size(0), R = A.size(1);
-  const int64_t S = mt.idx.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor bias_t;
-  if (bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
-  Plan<float> pl;
-  if (E > 0 && R > 0 && S > 0)
-    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock,
-                          std::numeric_limits<int64_t>::max());
+  const at::Tensor bias_t = contiguous_bias(bias_);
+  const Plan<float> pl = plan_per_row(mt, E, R, kBlock);
   const float* xp = x.data_ptr<float>();
   const int64_t sx = x.stride(0);
   at::Tensor hc_t = at::empty({pl.P, std::max<int64_t>(R, 1)}, x.options());
@@ -1536,8 +1542,7 @@ at::Tensor gemm_chunked16(const at::Tensor& x, const at::Tensor& W, const at::Te
   const int64_t S = mt.idx.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor bias_t;
-  if (bias_.has_value() && bias_->defined()) bias_t = bias_->contiguous();
+  const at::Tensor bias_t = contiguous_bias(bias_);
   const char* bias = bias_t.defined() ? static_cast<const char*>(bias_t.data_ptr()) : nullptr;
   const int64_t big = large_group_rows(isa == CpuIsa::kAmx ? int64_t{256}
                                                            : std::numeric_limits<int64_t>::max());
@@ -1678,10 +1683,7 @@ at::Tensor expand16(const at::Tensor& y, const at::Tensor& h, const at::Tensor& 
   const int64_t M = y.size(0), N = y.size(1), E = B.size(0), R = B.size(2);
   at::Tensor C = y.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, y.options().memory_format(at::MemoryFormat::Contiguous));
-  Plan<float> pl;
-  if (M > 0 && N > 0 && E > 0 && R > 0 && mt.idx.size(1) > 0)
-    pl = make_plan<float>(mt.idx, mt.w, mt.scale, mt.rank, E, kBlock16,
-                          std::numeric_limits<int64_t>::max());
+  const Plan<float> pl = M > 0 && N > 0 ? plan_per_row(mt, E, R, kBlock16) : Plan<float>();
   at::Tensor hc_t = at::empty({pl.P, std::max<int64_t>(R, 1)}, C.options());
   float* hcp = hc_t.data_ptr<float>();
   if (pl.P > 0) {

@@ -455,6 +455,22 @@ def test_linear16_paths_agree_with_default(monkeypatch):
     assert ((y.float() - y_gen.float()).abs() <= ulp * 1.01).all()
 
 
+def _nonfinite_adapter_run(dt):
+    """The op on 12 rows over adapters 0, 1, 2 and none, adapter 1 with a NaN in A and an inf in
+    B: checks that the output is finite exactly outside adapter 1's rows and returns (y, mask of
+    those clean rows, the clean inputs as the op's arguments)."""
+    c = Case("nan", M=12, K=64, N=48, E=3, R=16, dtype=dt)
+    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
+    idx = torch.tensor([[0], [1], [2], [-1]] * 3, dtype=torch.int32)
+    An, Bn = A.clone(), B.clone()
+    An[1, 3, 5] = float("nan")
+    Bn[1, 7, 2] = float("inf")
+    y = _cpp_ops().multi_lora_linear(x, weight, An, Bn, scale, rank, idx, None, bias)
+    clean = idx[:, 0] != 1
+    assert torch.isfinite(y[clean]).all() and not torch.isfinite(y[~clean]).all()
+    return y, clean, (x, weight, A, B, scale, rank, idx, None, bias)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_linear16_nonfinite_adapter_stays_in_its_rows(isa, monkeypatch):
     if not _isa_supported(isa):
@@ -462,16 +478,8 @@ def test_linear16_nonfinite_adapter_stays_in_its_rows(isa, monkeypatch):
     monkeypatch.setenv("LORAMIX_CPU_ISA", isa)
     for small in ("64", "0"):
         monkeypatch.setenv("LORAMIX_CPP_SMALL_M", small)
-        c = Case("nan", M=12, K=64, N=48, E=3, R=16, dtype=torch.bfloat16)
-        x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
-        idx = torch.tensor([[0], [1], [2], [-1]] * 3, dtype=torch.int32)
-        A, B = A.clone(), B.clone()
-        A[1, 3, 5] = float("nan")
-        B[1, 7, 2] = float("inf")
-        y = _cpp_ops().multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias)
-        clean = idx[:, 0] != 1
-        assert torch.isfinite(y[clean]).all() and not torch.isfinite(y[~clean]).all()
-        y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias, upcast=True)
+        y, clean, args = _nonfinite_adapter_run(torch.bfloat16)
+        y_ref = reference.multi_lora_linear(*args, upcast=True)
         _half_ulp_check(y[clean], y_ref[clean], torch.bfloat16)
 
 
@@ -520,20 +528,13 @@ def test_linear_fp32_small_path_nonfinite_and_conv1d(monkeypatch):
     """A NaN / inf in one adapter stays in its rows; a transposed (HF Conv1D) weight takes torch's
     GEMM (no unit last stride) and equals the contiguous weight's result within the 2x rule."""
     monkeypatch.setenv("LORAMIX_CPP_SMALL_M32", "64")
-    c = Case("nan32", M=12, K=64, N=48, E=3, R=16)
-    x, weight, A, B, scale, rank, idx, w, bias = make_inputs(c, seed=2)
-    idx = torch.tensor([[0], [1], [2], [-1]] * 3, dtype=torch.int32)
-    An, Bn = A.clone(), B.clone()
-    An[1, 3, 5] = float("nan")
-    Bn[1, 7, 2] = float("inf")
-    y = _cpp_ops().multi_lora_linear(x, weight, An, Bn, scale, rank, idx, None, bias)
-    clean = idx[:, 0] != 1
-    assert torch.isfinite(y[clean]).all() and not torch.isfinite(y[~clean]).all()
-    y_ref = reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias, upcast=True)
-    outs = [reference.multi_lora_linear(x, weight, A, B, scale, rank, idx, None, bias)]
+    y, clean, args = _nonfinite_adapter_run(torch.float32)
+    y_ref = reference.multi_lora_linear(*args, upcast=True)
+    outs = [reference.multi_lora_linear(*args)]
     _check(y[clean], y_ref[clean], [o[clean] for o in outs], torch.float32)
+    x, weight, *rest = args
     wt = weight.t().contiguous().t()  # same values, stride (1, N)
-    y_t = _cpp_ops().multi_lora_linear(x, wt, A, B, scale, rank, idx, None, bias)
+    y_t = _cpp_ops().multi_lora_linear(x, wt, *rest)
     _check(y_t, y_ref, outs, torch.float32)
 
 
